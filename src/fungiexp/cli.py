@@ -1,0 +1,44 @@
+"""The `fungiexp` command: a subcommand name, then that subcommand's arguments."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """\
+usage: fungiexp COMMAND [ARGS...]
+
+Commands:
+  train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
+           ARGS are Hydra overrides and flags, for example:
+             fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
+             fungiexp train --cfg job        (print the composed config)
+             fungiexp train -m augmentation=none,strong
+           `fungiexp train --help` lists the config groups and options.
+
+Run `fungiexp COMMAND --help` for the options of a command.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the subcommand named in ``argv`` (default: ``sys.argv[1:]``) and return its exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+
+    command, rest = args[0], args[1:]
+    # TensorFlow's C++ INFO and WARNING lines (oneDNN, CUDA probing) drown the
+    # run's own log; a value set by the user wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if command == "train":
+        from fungiexp.app import train_app
+
+        # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.
+        sys.argv = ["fungiexp train", *rest]
+        train_app()
+        return 0
+
+    print(f"fungiexp: unknown command {command!r}; valid commands: train.\n", file=sys.stderr)
+    print(USAGE, end="", file=sys.stderr)
+    return 2

@@ -1,0 +1,71 @@
+"""Test-set metrics computed with scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+)
+
+
+def evaluate_predictions(y_true: np.ndarray, probabilities: np.ndarray, class_codes: list[str]) -> dict:
+    """Score predicted class probabilities against true labels.
+
+    Classes that are never predicted get precision 0 (``zero_division=0``)
+    rather than an error or a warning.
+
+    Args:
+        y_true: Integer labels, shape (n,).
+        probabilities: Predicted probabilities, shape (n, n_classes).
+        class_codes: Class codes in label order.
+
+    Returns:
+        A dict with accuracy, balanced_accuracy, macro and weighted
+        precision/recall/F1, ``per_class`` (code -> precision, recall, f1,
+        support), ``confusion`` (counts, rows are true classes) and
+        ``report_text``.
+    """
+    labels = list(range(len(class_codes)))
+    y_pred = np.argmax(probabilities, axis=1)
+    report = classification_report(
+        y_true, y_pred, labels=labels, target_names=class_codes, zero_division=0, output_dict=True
+    )
+    text = classification_report(y_true, y_pred, labels=labels, target_names=class_codes, zero_division=0, digits=4)
+    per_class = {
+        code: {
+            "precision": float(report[code]["precision"]),
+            "recall": float(report[code]["recall"]),
+            "f1": float(report[code]["f1-score"]),
+            "support": int(report[code]["support"]),
+        }
+        for code in class_codes
+    }
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
+        "macro_precision": float(report["macro avg"]["precision"]),
+        "macro_recall": float(report["macro avg"]["recall"]),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "weighted_precision": float(report["weighted avg"]["precision"]),
+        "weighted_recall": float(report["weighted avg"]["recall"]),
+        "weighted_f1": float(report["weighted avg"]["f1-score"]),
+        "per_class": per_class,
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels),
+        "report_text": text,
+    }
+
+
+def macro_f1(y_true: np.ndarray, probabilities: np.ndarray, num_classes: int) -> float:
+    """Return the macro-averaged F1 of the argmax predictions."""
+    y_pred = np.argmax(probabilities, axis=1)
+    return float(f1_score(y_true, y_pred, labels=list(range(num_classes)), average="macro", zero_division=0))
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    # The mean recall over the classes present in y_true, computed directly
+    # because balanced_accuracy_score warns when y_pred holds other classes.
+    recalls = [np.mean(y_pred[y_true == label] == label) for label in np.unique(y_true)]
+    return float(np.mean(recalls)) if recalls else float("nan")

@@ -1,0 +1,183 @@
+"""Fetch a data set archive into ``dataset.root``.
+
+The archive comes from an https:// URL (downloaded), a file:// URL or a local
+path. Extraction goes to a temporary folder beside the target and is renamed
+into place only when complete, so an interrupted fetch leaves no half-filled
+data folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from omegaconf import DictConfig
+
+from fungiexp.errors import ConfigError, DataError, SourceNotFoundError
+from fungiexp.images import class_infos, find_class_root
+
+log = logging.getLogger(__name__)
+
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+def ensure_dataset(dataset_cfg: DictConfig) -> Path:
+    """Return ``dataset.root``, fetching ``dataset.source`` into it when it is missing.
+
+    Raises:
+        ConfigError: If the root is missing and no source is configured.
+        DataError: If the archive cannot be read or holds no class folders.
+    """
+    root = Path(dataset_cfg.root)
+    if root.exists():
+        return root
+    if not dataset_cfg.source:
+        raise ConfigError(
+            "dataset.root",
+            f"folder {root} does not exist and dataset.source is not set. Download DeFungi "
+            "(UCI data set 773) and set dataset.source to the archive path or URL, "
+            "for example dataset.source=../shared/data/defungi.zip, or set dataset.root "
+            "to an extracted copy.",
+        )
+    fetch(dataset_cfg)
+    return root
+
+
+def fetch(dataset_cfg: DictConfig) -> Path:
+    """Download or copy ``dataset.source`` and extract its class folders into ``dataset.root``.
+
+    Does nothing if the root already exists.
+    """
+    root = Path(dataset_cfg.root)
+    if root.exists():
+        log.info("Data folder %s already exists; nothing to fetch", root)
+        return root
+
+    source = str(dataset_cfg.source)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{root.name}.fetch-", dir=root.parent) as work:
+        work_dir = Path(work)
+        archive = _local_archive(source, work_dir)
+        if dataset_cfg.get("sha256"):
+            _check_sha256(archive, str(dataset_cfg.sha256))
+
+        extracted = work_dir / "extracted"
+        extract_archive(archive, extracted)
+        folders = [info.folder for info in class_infos(dataset_cfg)]
+        class_root = find_class_root(extracted, folders)
+        if class_root is None:
+            nested = sorted(extracted.rglob("*.zip"))
+            if len(nested) == 1:
+                # Some downloads wrap the data set archive in another archive.
+                log.info("Extracting nested archive %s", nested[0].name)
+                inner = work_dir / "inner"
+                extract_archive(nested[0], inner)
+                class_root = find_class_root(inner, folders)
+        if class_root is None:
+            raise DataError(
+                f"Archive {source} holds none of the class folders {folders}. "
+                "Check that dataset.source points at the DeFungi archive."
+            )
+        os.replace(class_root, root)
+    log.info("Extracted %s into %s", source, root)
+    return root
+
+
+def extract_archive(archive: Path, target: Path) -> None:
+    """Extract a zip or tar archive into ``target`` after checking every member.
+
+    Raises:
+        DataError: If a member would land outside ``target`` (absolute path,
+            ``..`` component or link), naming the member; nothing is extracted.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle:
+            for info in bundle.infolist():
+                _check_member_path(info.filename, archive)
+                mode = (info.external_attr >> 16) & 0o170000
+                if mode == 0o120000:
+                    raise DataError(f"Archive {archive} member {info.filename!r} is a symbolic link; refusing to extract.")
+            bundle.extractall(target)
+        return
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as bundle:
+            members = bundle.getmembers()
+            for member in members:
+                _check_member_path(member.name, archive)
+                if member.issym() or member.islnk():
+                    raise DataError(f"Archive {archive} member {member.name!r} is a link; refusing to extract.")
+            bundle.extractall(target, filter="data")
+        return
+    raise DataError(f"{archive} is neither a zip nor a tar archive. Point dataset.source at the DeFungi zip file.")
+
+
+def _check_member_path(name: str, archive: Path) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"Archive {archive} member {name!r} has an absolute path; refusing to extract.")
+    if ".." in path.parts:
+        raise DataError(f"Archive {archive} member {name!r} leaves the target folder ('..'); refusing to extract.")
+
+
+def _local_archive(source: str, work_dir: Path) -> Path:
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        return _download(source, work_dir / (Path(parsed.path).name or "archive"))
+    if parsed.scheme == "file":
+        path = Path(urllib.request.url2pathname(parsed.path))
+    elif parsed.scheme == "" or len(parsed.scheme) == 1:
+        # A bare path, or a Windows drive letter that urlparse takes for a scheme.
+        path = Path(source)
+    else:
+        raise ConfigError(
+            "dataset.source",
+            f"scheme {parsed.scheme!r} is not supported; got {source!r}. Use an https:// or file:// URL or a local path.",
+        )
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"dataset.source: archive {path} not found. Download DeFungi (UCI data set 773) "
+            "and point dataset.source at the zip file."
+        )
+    return path
+
+
+def _download(url: str, destination: Path) -> Path:
+    log.info("Downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(destination, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0)
+            done, next_report = 0, 0.1
+            while chunk := response.read(_DOWNLOAD_CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                if total and done / total >= next_report:
+                    log.info("Downloaded %d%% (%.1f of %.1f MB)", 100 * done // total, done / 1e6, total / 1e6)
+                    next_report += 0.1
+    except OSError as error:
+        raise DataError(
+            f"Download of {url} failed: {error}. Download the archive by hand and set "
+            "dataset.source to its local path."
+        ) from error
+    return destination
+
+
+def _check_sha256(archive: Path, expected: str) -> None:
+    digest = hashlib.sha256()
+    with open(archive, "rb") as stream:
+        while chunk := stream.read(_DOWNLOAD_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise DataError(
+            f"Archive {archive} has sha256 {digest.hexdigest()}, but dataset.sha256 expects {expected}. "
+            "Download it again, or set dataset.sha256=null to skip the check."
+        )
+    log.info("Archive %s matches dataset.sha256", archive)
+

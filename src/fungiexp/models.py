@@ -1,0 +1,240 @@
+"""Model builders: VGG16 transfer learning and the notebook's small CNN.
+
+Every model takes float32 RGB images with pixels in [0, 255] and starts with
+a preprocessing layer that scales them as its weights expect, so a saved
+model can be applied to raw images without knowing how it was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+from omegaconf import DictConfig
+
+from fungiexp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODELS = ("vgg16", "small_cnn")
+PREPROCESSING = ("auto", "vgg16", "rescale")
+HEADS = ("flatten", "gap")
+# VGG16 applies five 2x2 max-pools, so smaller inputs leave no pixels.
+VGG16_MIN_SIZE = 32
+
+
+@keras.saving.register_keras_serializable(package="fungiexp")
+class Preprocessing(keras.layers.Layer):
+    """Scale [0, 255] RGB pixels as a model's weights expect.
+
+    Modes:
+        rescale: divide by 255, giving [0, 1].
+        vgg16: ``keras.applications.vgg16.preprocess_input``: RGB to BGR and
+            subtraction of the ImageNet channel means (no scaling).
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("vgg16", "rescale"):
+            raise ValueError(f"Preprocessing mode must be 'vgg16' or 'rescale'; got {mode!r}.")
+        self.mode = mode
+
+    def call(self, inputs):
+        if self.mode == "vgg16":
+            return keras.applications.vgg16.preprocess_input(inputs)
+        return inputs / 255.0
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def resolve_preprocessing(model_cfg: DictConfig) -> str:
+    """Return the preprocessing mode for ``model_cfg``, warning on a mismatch with ImageNet weights."""
+    mode = str(model_cfg.preprocessing)
+    if mode not in PREPROCESSING:
+        raise ConfigError("model.preprocessing", f"must be one of {', '.join(PREPROCESSING)}; got {mode!r}.")
+    if mode == "auto":
+        mode = "vgg16" if model_cfg.name == "vgg16" else "rescale"
+    if model_cfg.get("weights") == "imagenet" and mode != "vgg16":
+        log.warning(
+            "model.weights=imagenet with model.preprocessing=%s: the ImageNet weights were trained "
+            "on vgg16 preprocessing (BGR, mean-subtracted), so features will be off",
+            mode,
+        )
+    return mode
+
+
+def build_model(model_cfg: DictConfig, fine_tune_cfg: DictConfig, num_classes: int, image_size) -> keras.Model:
+    """Build the model that ``model`` names, with ``fine_tune`` applied.
+
+    Raises:
+        ConfigError: For an unknown model or head, a fine-tune setting that
+            does not apply to the model, a too-small image size, or a weights
+            file that does not exist.
+    """
+    name = str(model_cfg.name)
+    height, width = (int(side) for side in image_size)
+    input_shape = (height, width, 3)
+    preprocessing = resolve_preprocessing(model_cfg)
+
+    if name == "vgg16":
+        model = _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing)
+    elif name == "small_cnn":
+        model = _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing)
+    else:
+        raise ConfigError("model.name", f"must be one of {', '.join(MODELS)}; got {name!r}.")
+
+    trainable, frozen = count_parameters(model)
+    log.info("Model %s: %d trainable and %d frozen parameters", name, trainable, frozen)
+    return model
+
+
+def count_parameters(model: keras.Model) -> tuple[int, int]:
+    """Return the numbers of trainable and frozen parameters of ``model``."""
+    trainable = int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+    frozen = int(sum(np.prod(weight.shape) for weight in model.non_trainable_weights))
+    return trainable, frozen
+
+
+def _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing) -> keras.Model:
+    if min(input_shape[:2]) < VGG16_MIN_SIZE:
+        raise ConfigError(
+            "dataset.image_size",
+            f"VGG16 needs at least {VGG16_MIN_SIZE}x{VGG16_MIN_SIZE} pixels; got {list(input_shape[:2])}.",
+        )
+    weights = _resolve_weights(model_cfg.weights)
+    try:
+        base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=input_shape)
+    except Exception as error:
+        if weights == "imagenet":
+            raise ConfigError(
+                "model.weights",
+                f"the ImageNet weights of VGG16 could not be downloaded ({error}). Connect to the "
+                "internet once so that Keras caches them in ~/.keras/models, or set model.weights "
+                "to a local weights file, or model.weights=null to train from random weights.",
+            ) from error
+        raise
+    log.info("VGG16 weights: %s", "random initialisation" if weights is None else weights)
+    _apply_fine_tune(base, fine_tune_cfg, "vgg16")
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = Preprocessing(preprocessing, name="preprocessing")(inputs)
+    # training=False keeps any normalisation layers of the backbone in inference mode.
+    x = base(x, training=False)
+    outputs = _head(x, model_cfg.head, model_cfg.get("activation", "relu"), num_classes)
+    return keras.Model(inputs, outputs, name="vgg16_classifier")
+
+
+def _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing) -> keras.Model:
+    if fine_tune_cfg.name != "all" or fine_tune_cfg.frozen or fine_tune_cfg.trainable_from:
+        raise ConfigError(
+            "fine_tune",
+            f"fine_tune={fine_tune_cfg.name} does not apply to model=small_cnn, which has no "
+            "pretrained backbone to freeze. Use fine_tune=all, or model=vgg16.",
+        )
+    blocks = [list(block) for block in model_cfg.blocks]
+    if not blocks or any(not block for block in blocks):
+        raise ConfigError("model.blocks", f"must be a non-empty list of non-empty lists of filter counts; got {blocks}.")
+    kernel = int(model_cfg.kernel_size)
+    downsampling = 2 ** (len(blocks) - 1)
+    if min(input_shape[:2]) < downsampling:
+        raise ConfigError(
+            "dataset.image_size",
+            f"model.blocks pools {len(blocks) - 1} times, so images need at least "
+            f"{downsampling}x{downsampling} pixels; got {list(input_shape[:2])}.",
+        )
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = Preprocessing(preprocessing, name="preprocessing")(inputs)
+    for block_index, filters in enumerate(blocks, start=1):
+        for conv_index, count in enumerate(filters, start=1):
+            x = keras.layers.Conv2D(
+                int(count),
+                kernel,
+                padding="same",
+                activation=str(model_cfg.activation),
+                name=f"block{block_index}_conv{conv_index}",
+            )(x)
+        if block_index < len(blocks):
+            x = keras.layers.MaxPooling2D(2, name=f"block{block_index}_pool")(x)
+    outputs = _head(x, model_cfg.head, str(model_cfg.activation), num_classes)
+    model = keras.Model(inputs, outputs, name="small_cnn")
+
+    weights = _resolve_weights(model_cfg.weights)
+    if weights == "imagenet":
+        raise ConfigError(
+            "model.weights",
+            "small_cnn has no ImageNet weights; set model.weights=null or a path to a weights file of this architecture.",
+        )
+    if weights is not None:
+        model.load_weights(weights)
+        log.info("small_cnn weights: %s", weights)
+    return model
+
+
+def _head(x, head_cfg: DictConfig, activation: str, num_classes: int):
+    head_type = str(head_cfg.type)
+    if head_type == "flatten":
+        x = keras.layers.Flatten(name="flatten")(x)
+    elif head_type == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+    else:
+        raise ConfigError("model.head.type", f"must be one of {', '.join(HEADS)}; got {head_type!r}.")
+    units = int(head_cfg.dense_units)
+    if units < 0:
+        raise ConfigError("model.head.dense_units", f"must be 0 (no dense layer) or positive; got {units}.")
+    if units:
+        x = keras.layers.Dense(units, activation=activation, name="dense")(x)
+    rate = float(head_cfg.dropout)
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError("model.head.dropout", f"must be in [0, 1); got {rate}.")
+    if rate:
+        x = keras.layers.Dropout(rate, name="dropout")(x)
+    # The output stays float32 so that softmax is stable under mixed precision.
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+
+
+def _resolve_weights(weights) -> str | None:
+    if weights is None or weights == "imagenet":
+        return weights
+    path = Path(str(weights)).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            "model.weights",
+            f"weights file {path} not found. Set model.weights to imagenet, null, or an existing weights file.",
+        )
+    return str(path)
+
+
+def _apply_fine_tune(base: keras.Model, fine_tune_cfg: DictConfig, model_name: str) -> None:
+    """Set which backbone layers train, following ``fine_tune``.
+
+    Batch normalisation layers stay frozen in every setting, because their
+    statistics from pretraining do not survive small-batch updates.
+    """
+    name = str(fine_tune_cfg.name)
+    if fine_tune_cfg.frozen:
+        base.trainable = False
+        log.info("fine_tune=%s: the whole %s backbone is frozen", name, model_name)
+        return
+
+    base.trainable = True
+    first = fine_tune_cfg.trainable_from
+    if first:
+        names = [layer.name for layer in base.layers]
+        if first not in names:
+            candidates = [layer for layer in names if layer.endswith("_conv1")]
+            raise ConfigError(
+                "fine_tune.trainable_from",
+                f"layer {first!r} (fine_tune={name}) does not exist in model={model_name}; "
+                f"valid first layers are {', '.join(candidates)}.",
+            )
+        index = names.index(first)
+        for layer in base.layers[:index]:
+            layer.trainable = False
+        log.info("fine_tune=%s: %s layers before %s are frozen", name, model_name, first)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False

@@ -1,0 +1,155 @@
+"""tf.data input pipelines and Keras augmentation layers.
+
+Images are decoded and resized once, cached in memory as uint8, then
+shuffled, batched and (for training only) augmented. Pixels leave the
+pipeline as float32 in [0, 255]: scaling belongs to the model, which starts
+with its own preprocessing layer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig
+
+from fungiexp.errors import ConfigError
+from fungiexp.images import ImageRecord
+
+AUTOTUNE = tf.data.AUTOTUNE
+FILL_MODES = ("reflect", "wrap", "nearest", "constant")
+
+
+def load_image(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Decode an image file of any size as RGB and resize it to ``image_size`` (uint8)."""
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def make_dataset(
+    records: list[ImageRecord],
+    root: Path,
+    image_size: tuple[int, int],
+    batch_size: int,
+    *,
+    training: bool,
+    augmenter: keras.Sequential | None = None,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Build the batched dataset of (image, label) pairs for one split.
+
+    Args:
+        records: Images of the split.
+        root: Folder that the record paths are relative to.
+        image_size: (height, width) in pixels.
+        batch_size: Images per batch.
+        training: Shuffle every epoch and apply ``augmenter``; validation and
+            test sets pass False and keep file order.
+        augmenter: Keras preprocessing layers applied to training batches.
+        seed: Seed of the shuffle order.
+
+    Returns:
+        A dataset of float32 images in [0, 255] with shape (batch, h, w, 3)
+        and int32 labels.
+    """
+    paths = [str(root / record.path) for record in records]
+    labels = np.array([record.label for record in records], dtype=np.int32)
+    size = tuple(int(side) for side in image_size)
+
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    dataset = dataset.map(lambda path, label: (load_image(path, size), label), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels), num_parallel_calls=AUTOTUNE)
+    if training and augmenter is not None:
+        dataset = dataset.map(
+            lambda images, labels: (augmenter(images, training=True), labels),
+            num_parallel_calls=AUTOTUNE,
+        )
+    return dataset.prefetch(AUTOTUNE)
+
+
+class RandomRot90(keras.layers.Layer):
+    """Rotate each image by a random multiple of 90 degrees (square images only)."""
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        turns = keras.random.randint((tf.shape(images)[0],), 0, 4, seed=self.generator)
+        return tf.map_fn(
+            lambda pair: tf.image.rot90(pair[0], k=pair[1]),
+            (images, turns),
+            fn_output_signature=images.dtype,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int) -> keras.Sequential | None:
+    """Build the Keras preprocessing layers that ``augmentation`` describes.
+
+    Returns None when every transform is off. Layers work on float images in
+    [0, 255].
+
+    Raises:
+        ConfigError: For a negative strength, an unknown fill mode, or 90-degree
+            rotations of non-square images.
+    """
+    for key in ("rotation_degrees", "width_shift", "height_shift", "zoom", "brightness", "contrast"):
+        if float(aug_cfg[key]) < 0:
+            raise ConfigError(f"augmentation.{key}", f"must be 0 or positive; got {aug_cfg[key]}.")
+    fill_mode = str(aug_cfg.fill_mode)
+    if fill_mode not in FILL_MODES:
+        raise ConfigError("augmentation.fill_mode", f"must be one of {', '.join(FILL_MODES)}; got {fill_mode!r}.")
+
+    layers: list[keras.layers.Layer] = []
+    flip = {
+        (True, True): "horizontal_and_vertical",
+        (True, False): "horizontal",
+        (False, True): "vertical",
+    }.get((bool(aug_cfg.horizontal_flip), bool(aug_cfg.vertical_flip)))
+    if flip:
+        layers.append(keras.layers.RandomFlip(flip, seed=seed))
+    if aug_cfg.rot90:
+        if image_size[0] != image_size[1]:
+            raise ConfigError(
+                "augmentation.rot90",
+                f"needs square images; dataset.image_size is {list(image_size)}. "
+                "Set augmentation.rot90=false or make the image size square.",
+            )
+        layers.append(RandomRot90(seed=seed + 1))
+    if aug_cfg.rotation_degrees > 0:
+        layers.append(keras.layers.RandomRotation(float(aug_cfg.rotation_degrees) / 360.0, fill_mode=fill_mode, seed=seed + 2))
+    if aug_cfg.width_shift > 0 or aug_cfg.height_shift > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                float(aug_cfg.height_shift), float(aug_cfg.width_shift), fill_mode=fill_mode, seed=seed + 3
+            )
+        )
+    if aug_cfg.zoom > 0:
+        layers.append(keras.layers.RandomZoom(float(aug_cfg.zoom), fill_mode=fill_mode, seed=seed + 4))
+    if aug_cfg.brightness > 0:
+        layers.append(keras.layers.RandomBrightness(float(aug_cfg.brightness), value_range=(0.0, 255.0), seed=seed + 5))
+    if aug_cfg.contrast > 0:
+        layers.append(keras.layers.RandomContrast(float(aug_cfg.contrast), value_range=(0.0, 255.0), seed=seed + 6))
+    if not layers:
+        return None
+    return keras.Sequential(layers, name="augmentation")
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Return the number of batches in one pass over ``num_images``."""
+    return math.ceil(num_images / batch_size)

@@ -1,0 +1,35 @@
+"""Plain-text summary printed at the end of `fungiexp train`."""
+
+from __future__ import annotations
+
+from fungiexp.tracking import ui_command
+
+
+def format_summary(result: dict) -> str:
+    """Format test metrics, the per-class report and where the run is stored."""
+    test = result["test"]
+    infos = result["class_infos"]
+    support = sum(entry["support"] for entry in test["per_class"].values())
+    width = max(len(info.display_name) for info in infos)
+    lines = [
+        f"Test results on {support} images",
+        f"  accuracy           {test['accuracy']:.4f}",
+        f"  balanced accuracy  {test['balanced_accuracy']:.4f}",
+        f"  macro F1           {test['macro_f1']:.4f}",
+        f"  weighted F1        {test['weighted_f1']:.4f}",
+        "",
+        f"  {'class':<{width}}  precision  recall      F1  support",
+    ]
+    for info in infos:
+        entry = test["per_class"][info.code]
+        lines.append(
+            f"  {info.display_name:<{width}}  {entry['precision']:9.4f}  {entry['recall']:6.4f}  "
+            f"{entry['f1']:6.4f}  {entry['support']:7d}"
+        )
+    lines += [
+        "",
+        f"Validation macro F1 (best epoch): {result['val_macro_f1']:.4f}",
+        f"MLflow run: {result['run_id']} (experiment id {result['experiment_id']})",
+        f"Open the MLflow UI: {ui_command(result['tracking_uri'])}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""MLflow helpers: store set-up, parameter flattening and provenance tags."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+TRUNCATION_MARKER = "...[truncated]"
+VERSIONED_PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "omegaconf", "numpy", "scikit-learn", "fungiexp")
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Return ``uri`` with a relative sqlite path made absolute, creating its folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    if uri.startswith(prefix):
+        Path(uri[len(prefix):]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def setup_tracking(tracking_cfg: DictConfig) -> tuple[str, str]:
+    """Point MLflow at the configured store and experiment, creating both if needed.
+
+    Returns:
+        The resolved tracking URI and the experiment id.
+    """
+    uri = resolve_tracking_uri(str(tracking_cfg.uri))
+    mlflow.set_tracking_uri(uri)
+    name = str(tracking_cfg.experiment)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifact_root = Path(str(tracking_cfg.artifact_root)).resolve()
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+        log.info("Created MLflow experiment %r in %s", name, uri)
+    else:
+        experiment_id = experiment.experiment_id
+    return uri, experiment_id
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, str]:
+    """Flatten a resolved config into dotted keys with string values.
+
+    Lists are written as JSON. Values longer than MLflow's limit are cut and
+    end with a marker; the full config is logged as a file beside them.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), child)
+            return
+        text = json.dumps(value) if isinstance(value, list) else str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            text = text[: MAX_PARAM_VAL_LENGTH - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+        flat[prefix] = text
+
+    visit("", container)
+    return flat
+
+
+def log_params(params: dict[str, str]) -> None:
+    """Log parameters in batches of the size MLflow accepts."""
+    items = list(params.items())
+    for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        mlflow.log_params(dict(items[start : start + MAX_PARAMS_TAGS_PER_BATCH]))
+
+
+def provenance_tags() -> dict[str, str]:
+    """Return tags that tell how to reproduce a run: git state, versions, machine."""
+    tags = {
+        "fungiexp.python": platform.python_version(),
+        "fungiexp.platform": platform.platform(),
+        "fungiexp.command": " ".join(["fungiexp", *sys.argv[1:]]) if sys.argv else "",
+    }
+    for package in VERSIONED_PACKAGES:
+        try:
+            tags[f"fungiexp.version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"fungiexp.version.{package}"] = "not installed"
+    commit, dirty = git_state()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["fungiexp.git.commit"] = commit
+        tags["fungiexp.git.dirty"] = str(dirty).lower()
+    else:
+        tags["fungiexp.git.commit"] = "unknown (not a git checkout)"
+    return tags
+
+
+def git_state() -> tuple[str | None, bool]:
+    """Return the HEAD commit of the source checkout and whether it has uncommitted changes."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+def ui_command(uri: str) -> str:
+    """Return the shell command that opens the MLflow UI on ``uri``, bound to 127.0.0.1."""
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

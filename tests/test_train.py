@@ -1,0 +1,181 @@
+"""Whole runs on synthetic images, checked through what MLflow stored."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT
+from fungiexp.train import keras_to_mlflow_name, train
+
+pytestmark = pytest.mark.slow
+
+
+def stored_run(result):
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    return client, client.get_run(result["run_id"])
+
+
+def artifact_text(client, run_id, path, tmp_path):
+    local = client.download_artifacts(run_id, path, str(tmp_path))
+    return Path(local).read_text()
+
+
+def test_run_logs_everything_to_mlflow(make_config, tmp_path):
+    cfg = make_config("trainer.epochs=2", "augmentation=none")
+    result = train(cfg)
+    client, run = stored_run(result)
+
+    assert run.info.status == "FINISHED"
+    assert len(run.data.params) > 20
+    assert run.data.params["dataset.root"] == str(cfg.dataset.root)
+    assert run.data.params["model.preprocessing_resolved"] == "rescale"
+
+    for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [point.step for point in history] == [1, 2], name
+    for code in ("H1", "H2", "H3", "H5", "H6"):
+        for measure in ("precision", "recall", "f1", "support"):
+            assert f"test/{code}/{measure}" in run.data.metrics
+    for name in ("test/accuracy", "test/macro_f1", "test/weighted_f1", "val/best_macro_f1"):
+        assert name in run.data.metrics
+
+    artifacts = {info.path for folder in ("plots", "config", "data", "evaluation", "model") for info in client.list_artifacts(run.info.run_id, folder)}
+    assert {
+        "plots/confusion_matrix.png",
+        "plots/accuracy_curve.png",
+        "plots/loss_curve.png",
+        "config/resolved.yaml",
+        "data/split.csv",
+        "evaluation/classification_report.json",
+        "evaluation/classification_report.txt",
+        "model/model.keras",
+    } <= artifacts
+
+    report = json.loads(artifact_text(client, run.info.run_id, "evaluation/classification_report.json", tmp_path))
+    rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "data/split.csv", tmp_path))))
+    test_rows = [row for row in rows if row["split"] == "test"]
+    assert sum(map(sum, report["confusion"])) == len(test_rows)
+    assert int(run.data.metrics["test/H1/support"]) == sum(row["code"] == "H1" for row in test_rows)
+
+    sides = {}
+    for row in rows:
+        sides.setdefault(row["source_image"], set()).add(row["split"])
+    assert all(len(names) == 1 for names in sides.values())
+
+    assert run.data.tags["fungiexp.data.split_sha256"]
+    assert run.data.tags["fungiexp.version.tensorflow"]
+    assert "fungiexp.git.commit" in run.data.tags
+
+
+def test_logged_model_predicts(make_config, tmp_path):
+    result = train(make_config("augmentation=strong"))
+    client, run = stored_run(result)
+    path = client.download_artifacts(run.info.run_id, "model/model.keras", str(tmp_path))
+    model = keras.saving.load_model(path, safe_mode=True)
+    assert model.output_shape == (None, 5)
+
+
+def test_vgg16_block5_random_weights_runs(make_config):
+    result = train(make_config("model=vgg16", "fine_tune=block5", "model.weights=null", "tracking.log_model=false"))
+    _, run = stored_run(result)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["fine_tune.trainable_from"] == "block5_conv1"
+    assert int(run.data.params["model.frozen_params"]) > 0
+
+
+def test_small_cnn_three_classes_runs(make_config):
+    result = train(make_config("model=small_cnn", "dataset=defungi_h123", "augmentation=notebook"))
+    _, run = stored_run(result)
+    assert set(result["test"]["per_class"]) == {"H1", "H2", "H3"}
+    assert "test/H5/f1" not in run.data.metrics
+
+
+def test_failing_run_ends_failed(make_config, monkeypatch):
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("simulated failure inside fit")
+
+    monkeypatch.setattr(keras.Model, "fit", broken_fit)
+    cfg = make_config()
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(cfg)
+    client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+    experiment = client.get_experiment_by_name("test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert "simulated failure" in artifact_text(client, run.info.run_id, "logs/traceback.txt", Path(cfg.tracking.artifact_root).parent)
+
+
+def test_keras_names_map_to_split_prefixes():
+    assert keras_to_mlflow_name("loss") == "train/loss"
+    assert keras_to_mlflow_name("val_accuracy") == "val/accuracy"
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fungiexp", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_cli_train_prints_summary(quick_overrides, tmp_path):
+    completed = run_cli("train", *quick_overrides, f"hydra.run.dir={tmp_path}/hydra", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Test results on" in completed.stdout
+    assert "macro F1" in completed.stdout
+    assert "H6 Epidermophyton floccosum" in completed.stdout
+    assert "MLflow run:" in completed.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in completed.stdout
+    assert (tmp_path / "hydra" / "train.log").is_file()
+
+
+def test_cli_prints_composed_config(tmp_path):
+    completed = run_cli("train", "model=vgg16", "fine_tune=block5", "optimizer.lr=1e-3", "--cfg", "job", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "trainable_from: block5_conv1" in completed.stdout
+    assert "lr: 0.001" in completed.stdout
+
+
+def test_cli_rejects_unknown_command(tmp_path):
+    completed = run_cli("fly", cwd=tmp_path)
+    assert completed.returncode == 2
+    assert "unknown command 'fly'" in completed.stderr
+
+
+def test_cli_help_lists_train():
+    completed = run_cli("--help", cwd=REPO_ROOT)
+    assert completed.returncode == 0
+    assert "train" in completed.stdout
+
+
+def test_cli_config_error_exits_without_traceback(quick_overrides, tmp_path):
+    completed = run_cli("train", *quick_overrides, "fine_tune=block5", f"hydra.run.dir={tmp_path}/hydra", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert "fine_tune=block5 does not apply to model=small_cnn" in completed.stdout + completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_cli_multirun_runs_each_job(quick_overrides, tmp_path):
+    completed = run_cli(
+        "train", "-m", *quick_overrides, "augmentation=none,notebook", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("Test results on") == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("test")
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(run.info.run_name for run in runs)
+    assert names[0].endswith(",augmentation=none")
+    assert names[1].endswith(",augmentation=notebook")
+    assert "dataset.root" not in names[0]
+    assert all(run.info.status == "FINISHED" for run in runs)
