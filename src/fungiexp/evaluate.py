@@ -66,6 +66,6 @@ def macro_f1(y_true: np.ndarray, probabilities: np.ndarray, num_classes: int) ->
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # The mean recall over the classes present in y_true, computed directly
-    # because balanced_accuracy_score warns when y_pred holds other classes.
+    # because balanced_accuracy_score warns when y_pred contains other classes.
     recalls = [np.mean(y_pred[y_true == label] == label) for label in np.unique(y_true)]
     return float(np.mean(recalls)) if recalls else float("nan")

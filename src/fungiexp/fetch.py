@@ -33,7 +33,7 @@ def ensure_dataset(dataset_cfg: DictConfig) -> Path:
 
     Raises:
         ConfigError: If the root is missing and no source is configured.
-        DataError: If the archive cannot be read or holds no class folders.
+        DataError: If the archive cannot be read or contains no class folders.
     """
     root = Path(dataset_cfg.root)
     if root.exists():
@@ -82,7 +82,7 @@ def fetch(dataset_cfg: DictConfig) -> Path:
                 class_root = find_class_root(inner, folders)
         if class_root is None:
             raise DataError(
-                f"Archive {source} holds none of the class folders {folders}. "
+                f"Archive {source} contains none of the class folders {folders}. "
                 "Check that dataset.source points at the DeFungi archive."
             )
         os.replace(class_root, root)
@@ -104,7 +104,7 @@ def extract_archive(archive: Path, target: Path) -> None:
                 _check_member_path(info.filename, archive)
                 mode = (info.external_attr >> 16) & 0o170000
                 if mode == 0o120000:
-                    raise DataError(f"Archive {archive} member {info.filename!r} is a symbolic link; refusing to extract.")
+                    raise DataError(f"Archive {archive} member {info.filename!r} is a symbolic link; rejected the archive, nothing was extracted.")
             bundle.extractall(target)
         return
     if tarfile.is_tarfile(archive):
@@ -113,7 +113,7 @@ def extract_archive(archive: Path, target: Path) -> None:
             for member in members:
                 _check_member_path(member.name, archive)
                 if member.issym() or member.islnk():
-                    raise DataError(f"Archive {archive} member {member.name!r} is a link; refusing to extract.")
+                    raise DataError(f"Archive {archive} member {member.name!r} is a link; rejected the archive, nothing was extracted.")
             bundle.extractall(target, filter="data")
         return
     raise DataError(f"{archive} is neither a zip nor a tar archive. Point dataset.source at the DeFungi zip file.")
@@ -122,9 +122,9 @@ def extract_archive(archive: Path, target: Path) -> None:
 def _check_member_path(name: str, archive: Path) -> None:
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise DataError(f"Archive {archive} member {name!r} has an absolute path; refusing to extract.")
+        raise DataError(f"Archive {archive} member {name!r} has an absolute path; rejected the archive, nothing was extracted.")
     if ".." in path.parts:
-        raise DataError(f"Archive {archive} member {name!r} leaves the target folder ('..'); refusing to extract.")
+        raise DataError(f"Archive {archive} member {name!r} leaves the target folder ('..'); rejected the archive, nothing was extracted.")
 
 
 def _local_archive(source: str, work_dir: Path) -> Path:

@@ -87,11 +87,11 @@ def class_infos(dataset_cfg: DictConfig) -> list[ClassInfo]:
 
 
 def find_class_root(root: Path, folders: list[str], max_depth: int = 4) -> Path | None:
-    """Return the folder under ``root`` that holds the most of ``folders``.
+    """Return the folder under ``root`` that contains the most of ``folders``.
 
     Archives wrap the class folders in zero or more extra folders, so the
     search goes down up to ``max_depth`` levels. Returns None if no level
-    holds any of them.
+    contains any of them.
     """
     wanted = set(folders)
     best, best_hits = None, 0

@@ -30,7 +30,7 @@ def split_records(records: list[ImageRecord], split_cfg: DictConfig) -> dict[str
 
     Groups are stratified by their majority class: within each class the
     groups are shuffled with ``split.seed`` and handed to test, then
-    validation, until each holds its fraction of that class's images. The
+    validation, until each contains its fraction of that class's images. The
     result is the same for the same files and seed.
 
     Raises:
@@ -110,7 +110,12 @@ def check_no_leak(splits: dict[str, list[ImageRecord]], group_by: str) -> None:
     With ``group_by=none`` only the patch level is checked, since groups
     are allowed to cross sides there by choice.
     """
-    levels = ["path"] if group_by == "none" else ["source_image"] if group_by == "source_image" else ["source_image", "sample"]
+    if group_by == "none":
+        levels = ["path"]
+    elif group_by == "source_image":
+        levels = ["source_image"]
+    else:
+        levels = ["source_image", "sample"]
     for level in levels:
         sides_of: dict[str, set[str]] = defaultdict(set)
         for name, records in splits.items():

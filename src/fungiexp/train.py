@@ -291,7 +291,7 @@ def _run_name(cfg: DictConfig) -> str:
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
     overrides = _hydra_overrides()
-    # Paths and logging settings say where a run went, not what it tried.
+    # Paths and logging settings describe where a run went, not what it tried.
     hidden = ("tracking.", "hydra.", "dataset.root=", "dataset.source=", "trainer.verbose=")
     shown = [item for item in overrides if not item.lstrip("+~").startswith(hidden)]
     return ",".join(shown)[:250] if shown else "defaults"
