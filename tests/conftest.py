@@ -56,9 +56,13 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 def compose_config(overrides: list[str]):
-    """Compose the project's config with Hydra's compose API."""
+    """Compose the project's config with Hydra's compose API.
+
+    The data check's cache is off unless an override sets ``dataset.cache_dir``,
+    so that tests never write into the working directory.
+    """
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=["dataset.cache_dir=null", *overrides])
 
 
 @pytest.fixture
@@ -66,6 +70,8 @@ def quick_overrides(synthetic_root, tmp_path) -> list[str]:
     """Overrides for a run of seconds: tiny images, one epoch, a store in tmp_path."""
     return [
         f"dataset.root={synthetic_root}",
+        "dataset.expected_images=null",
+        f"dataset.cache_dir={tmp_path}/cache",
         "dataset.image_size=[32,32]",
         "trainer.epochs=1",
         "trainer.batch_size=8",

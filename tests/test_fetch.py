@@ -21,8 +21,8 @@ def archive(synthetic_root, tmp_path):
     return path
 
 
-def dataset_cfg(root, source):
-    return compose_config([f"dataset.root={root}", f"dataset.source={source}"]).dataset
+def dataset_cfg(root, source, *extra):
+    return compose_config([f"dataset.root={root}", f"dataset.source={source}", "dataset.expected_images=null", *extra]).dataset
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
@@ -47,7 +47,7 @@ def test_fetch_twice_does_nothing(archive, tmp_path, caplog):
 
 
 def test_sha256_mismatch_raises(archive, tmp_path):
-    cfg = compose_config([f"dataset.root={tmp_path / 'd'}", f"dataset.source={archive}", "dataset.sha256=abc"]).dataset
+    cfg = dataset_cfg(tmp_path / "d", archive, "dataset.sha256=abc")
     with pytest.raises(DataError, match="dataset.sha256 expects abc"):
         fetch(cfg)
     assert not (tmp_path / "d").exists()
@@ -78,3 +78,20 @@ def test_unsafe_members_are_rejected(tmp_path, member, message):
         extract_archive(bad, target)
     assert list(target.iterdir()) == []
     assert not (tmp_path / "out" / "evil.txt").exists()
+
+
+def test_count_mismatch_raises_and_extracts_nothing(archive, tmp_path):
+    cfg = compose_config([f"dataset.root={tmp_path / 'd'}", f"dataset.source={archive}"]).dataset
+    with pytest.raises(DataError, match=r"does not have the expected image counts \(total: 90 instead of 9114; H1: 18 instead of 4404"):
+        fetch(cfg)
+    assert list(tmp_path.iterdir()) == [archive]
+
+
+def test_interrupted_fetch_leaves_no_data_folder(archive, tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fungiexp.fetch.check_counts", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(dataset_cfg(tmp_path / "data" / "defungi", archive))
+    assert list((tmp_path / "data").iterdir()) == []

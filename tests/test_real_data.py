@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from conftest import DEFUNGI_ZIP, compose_config
 from fungiexp.fetch import fetch
 from fungiexp.images import scan_images
-from fungiexp.split import split_records
+from fungiexp.split import manifest_csv, split_records
 from fungiexp.train import train
 
 pytestmark = [
@@ -65,3 +65,23 @@ def test_real_data_smoke_run(defungi_root, tmp_path):
     assert run.info.status == "FINISHED"
     assert set(result["test"]["per_class"]) == {"H1", "H2", "H3", "H5", "H6"}
     assert result["test"]["confusion"].sum() == int(run.data.params["data.test_images"])
+
+
+def test_real_folds_cover_each_group_once(defungi_root):
+    base = [f"dataset.root={defungi_root}", "dataset.split.folds=5"]
+    val_groups = []
+    for fold in range(5):
+        cfg = compose_config([*base, f"dataset.split.fold={fold}"]).dataset
+        splits = split_records(scan_images(cfg, defungi_root), cfg.split)
+        val_groups.append({record.source_image for record in splits["val"]})
+        non_test = {record.source_image for name in ("train", "val") for record in splits[name]}
+    assert sum(len(groups) for groups in val_groups) == len(non_test)
+    assert set().union(*val_groups) == non_test
+
+
+def test_real_split_is_reproducible(defungi_root):
+    cfg = compose_config([f"dataset.root={defungi_root}"]).dataset
+    records = scan_images(cfg, defungi_root)
+    first = manifest_csv(split_records(records, cfg.split), list(cfg.classes))
+    second = manifest_csv(split_records(records, cfg.split), list(cfg.classes))
+    assert first == second

@@ -77,3 +77,52 @@ def test_leak_check_detects_shared_group():
     twin = ImageRecord(path="TSH/H1_1a_2.jpg", label=0, code="H1", source_image="H1_1a", sample="H1_1")
     with pytest.raises(DataError, match="level source_image have images in more than one split"):
         check_no_leak({"train": [record], "val": [twin], "test": []}, "source_image")
+
+
+def test_folds_cover_each_group_once(larger_root):
+    codes = ["H1", "H2", "H3", "H5", "H6"]
+    tests, vals = set(), []
+    for fold in range(5):
+        _, splits = split_for(larger_root, "dataset.split.folds=5", f"dataset.split.fold={fold}")
+        tests.add(fingerprint(manifest_csv({"train": [], "val": [], "test": splits["test"]}, codes)))
+        vals.append({record.source_image for record in splits["val"]})
+    assert len(tests) == 1
+    for first in range(5):
+        for second in range(first + 1, 5):
+            assert not vals[first] & vals[second]
+    records, splits = split_for(larger_root, "dataset.split.folds=5")
+    non_test = {record.source_image for record in records} - {record.source_image for record in splits["test"]}
+    assert set().union(*vals) == non_test
+
+
+def test_fold_out_of_range_raises(larger_root):
+    with pytest.raises(ConfigError, match=r"dataset.split.fold: must be in 0..4 for 5 folds; got 5"):
+        split_for(larger_root, "dataset.split.folds=5", "dataset.split.fold=5")
+
+
+def test_manifest_reproduces_split(larger_root, tmp_path):
+    codes = ["H1", "H2", "H3", "H5", "H6"]
+    _, original = split_for(larger_root, "dataset.split.seed=3")
+    manifest = tmp_path / "split.csv"
+    manifest.write_text(manifest_csv(original, codes))
+    _, reused = split_for(larger_root, f"dataset.split.manifest={manifest}")
+    assert manifest_csv(reused, codes) == manifest.read_text()
+
+
+def test_manifest_with_missing_file_raises(larger_root, tmp_path):
+    codes = ["H1", "H2", "H3", "H5", "H6"]
+    _, original = split_for(larger_root)
+    manifest = tmp_path / "split.csv"
+    manifest.write_text(manifest_csv(original, codes) + "TSH/H1_99z_1.jpg,0,H1,H1_99z,H1_99,test\n")
+    with pytest.raises(DataError, match=r"1 files listed in manifest .* are not in the data folder \(first: TSH/H1_99z_1.jpg\)"):
+        split_for(larger_root, f"dataset.split.manifest={manifest}")
+
+
+def test_identical_copies_share_a_side(larger_root):
+    cfg = compose_config([f"dataset.root={larger_root}"]).dataset
+    records = scan_images(cfg, larger_root)
+    h1 = sorted({record.source_image for record in records if record.code == "H1"})
+    linked = [[f"TSH/{group}_1.jpg" for group in h1]]
+    splits = split_records(records, cfg.split, linked)
+    sides = {name for name, side in splits.items() for record in side if record.code == "H1"}
+    assert len(sides) == 1

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
+from fungiexp.errors import DataError
 from fungiexp.train import keras_to_mlflow_name, train
 
 pytestmark = pytest.mark.slow
@@ -179,3 +181,40 @@ def test_cli_multirun_runs_each_job(quick_overrides, tmp_path):
     assert names[1].endswith(",augmentation=notebook")
     assert "dataset.root" not in names[0]
     assert all(run.info.status == "FINISHED" for run in runs)
+
+
+@pytest.fixture
+def root_with_bad_files(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "TSH" / "H1_40a_1.jpg").write_bytes(b"")
+    (root / "BASH" / "H2_41a_1.jpg").write_text("not an image")
+    return root
+
+
+def test_bad_files_stop_run_before_training(make_config, root_with_bad_files, tmp_path):
+    cfg = make_config(f"dataset.root={root_with_bad_files}")
+    with pytest.raises(DataError, match=r"(?s)zero-byte files: 1.*TSH/H1_40a_1.jpg.*dataset.on_bad_image=skip"):
+        train(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert client.search_runs([client.get_experiment_by_name("test").experiment_id]) == []
+
+
+def test_skipped_files_are_logged(make_config, root_with_bad_files, tmp_path):
+    result = train(make_config(f"dataset.root={root_with_bad_files}", "dataset.on_bad_image=skip"))
+    client, run = stored_run(result)
+    assert run.data.metrics["data/skipped_images"] == 2
+    skipped = artifact_text(client, run.info.run_id, "data/skipped.csv", tmp_path)
+    assert "TSH/H1_40a_1.jpg,zero_byte" in skipped
+    assert "BASH/H2_41a_1.jpg,not_image" in skipped
+    assert int(run.data.params["data.train_images"]) + int(run.data.params["data.val_images"]) + int(run.data.params["data.test_images"]) == 90
+
+
+def test_manifest_run_uses_same_test_set(make_config, tmp_path):
+    first = train(make_config("dataset.split.seed=5"))
+    client, run = stored_run(first)
+    manifest = client.download_artifacts(run.info.run_id, "data/split.csv", str(tmp_path))
+    second = train(make_config(f"dataset.split.manifest={manifest}"))
+    _, rerun = stored_run(second)
+    assert rerun.data.tags["fungiexp.data.split_sha256"] == run.data.tags["fungiexp.data.split_sha256"]
+    assert rerun.data.params["data.test_images"] == run.data.params["data.test_images"]

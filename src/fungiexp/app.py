@@ -31,9 +31,13 @@ def config_dir() -> Path:
 def train_app(cfg: DictConfig) -> float:
     """Train one run, print its summary and return the validation macro-F1 for sweepers."""
     from fungiexp.summary import format_summary
-    from fungiexp.train import train
+    from fungiexp.validate import validate_config
 
     try:
+        # Validate before importing TensorFlow, which alone takes seconds.
+        validate_config(cfg)
+        from fungiexp.train import train
+
         result = train(cfg)
     except FungiexpError as error:
         # Config and data errors carry their own fix, so a traceback adds nothing.

@@ -9,6 +9,7 @@ USAGE = """\
 usage: fungiexp COMMAND [ARGS...]
 
 Commands:
+  data     Fetch the data set (`data fetch`) or check it for bad files (`data check`).
   train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
            ARGS are Hydra overrides and flags, for example:
              fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     command, rest = args[0], args[1:]
-    # TensorFlow's C++ INFO and WARNING lines (oneDNN, CUDA probing) drown the
-    # run's own log; a value set by the user wins.
+    # Hides part of TensorFlow's C++ INFO and WARNING output; lines printed
+    # before absl logging starts still appear (TensorFlow 2.21). A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if command == "train":
         from fungiexp.app import train_app
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         train_app()
         return 0
 
-    print(f"fungiexp: unknown command {command!r}; valid commands: train.\n", file=sys.stderr)
+    if command == "data":
+        from fungiexp.datacli import data_main
+
+        return data_main(rest)
+
+    print(f"fungiexp: unknown command {command!r}; valid commands: data, train.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2

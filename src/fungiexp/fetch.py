@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from omegaconf import DictConfig
 
 from fungiexp.errors import ConfigError, DataError, SourceNotFoundError
-from fungiexp.images import class_infos, find_class_root
+from fungiexp.images import class_infos, find_class_root, is_image_name, is_system_file
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,48 @@ def fetch(dataset_cfg: DictConfig) -> Path:
                 f"Archive {source} contains none of the class folders {folders}. "
                 "Check that dataset.source points at the DeFungi archive."
             )
-        os.replace(class_root, root)
+        check_counts(dataset_cfg, class_root, source)
+        try:
+            os.replace(class_root, root)
+        except OSError:
+            if not root.is_dir():
+                raise
+            # Another process (a parallel job of a sweep) finished the same fetch first.
+            log.info("Data folder %s appeared during the fetch; keeping it", root)
+            return root
     log.info("Extracted %s into %s", source, root)
     return root
+
+
+def check_counts(dataset_cfg: DictConfig, class_root: Path, source: str) -> None:
+    """Compare image counts per class folder with ``dataset.expected_images`` and ``class_info``.
+
+    Raises:
+        DataError: If the total or a class count differs; null
+            ``dataset.expected_images`` skips the check.
+    """
+    expected_total = dataset_cfg.get("expected_images")
+    if expected_total is None:
+        return
+    counts = {}
+    for code, entry in dataset_cfg.class_info.items():
+        folder = class_root / str(entry.get("folder", code))
+        files = folder.rglob("*") if folder.is_dir() else []
+        counts[code] = sum(1 for path in files if path.is_file() and is_image_name(path) and not is_system_file(path))
+    differences = [
+        f"{code}: {counts[code]} instead of {entry.expected_images}"
+        for code, entry in dataset_cfg.class_info.items()
+        if entry.get("expected_images") is not None and counts[code] != entry.expected_images
+    ]
+    total = sum(counts.values())
+    if total != expected_total:
+        differences.insert(0, f"total: {total} instead of {expected_total}")
+    if differences:
+        raise DataError(
+            f"Archive {source} does not have the expected image counts ({'; '.join(differences)}). "
+            "Download it again, or set dataset.expected_images=null to accept another copy."
+        )
+    log.info("Archive %s has the expected %d images", source, total)
 
 
 def extract_archive(archive: Path, target: Path) -> None:

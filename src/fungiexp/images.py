@@ -14,13 +14,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
+from PIL import Image
 
 from fungiexp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff"})
+# Files that operating systems and archive tools leave beside images.
+SYSTEM_FILE_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,39 @@ def class_infos(dataset_cfg: DictConfig) -> list[ClassInfo]:
     return infos
 
 
+def is_system_file(path: Path) -> bool:
+    """Return True for hidden files and operating-system litter (``.DS_Store``, ``Thumbs.db``, ``._*``)."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILE_NAMES
+
+
+def is_image_name(path: Path) -> bool:
+    """Return True if the file extension is an image extension, in any letter case."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_rgb(path: str | Path, image_size: tuple[int, int]) -> np.ndarray:
+    """Read an image of any mode and size as uint8 RGB of shape (height, width, 3).
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit images are
+    converted; 16-bit values are scaled to 8 bits rather than clipped.
+    Resizing uses bilinear filtering, which Pillow widens to antialias when
+    shrinking.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+            values = np.asarray(image, dtype=np.float64)
+            scale = 65535.0 if values.max(initial=0) > 255 else 255.0
+            grey = np.clip(values / scale * 255.0, 0, 255).astype(np.uint8)
+            image = Image.fromarray(grey, mode="L")
+        rgb = image.convert("RGB")
+    height, width = (int(side) for side in image_size)
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def find_class_root(root: Path, folders: list[str], max_depth: int = 4) -> Path | None:
     """Return the folder under ``root`` that contains the most of ``folders``.
 
@@ -108,11 +145,13 @@ def find_class_root(root: Path, folders: list[str], max_depth: int = 4) -> Path 
     return best
 
 
-def scan_images(dataset_cfg: DictConfig, root: Path) -> list[ImageRecord]:
+def scan_images(dataset_cfg: DictConfig, root: Path, exclude: set[str] | frozenset[str] = frozenset()) -> list[ImageRecord]:
     """List the images of the configured classes under ``root``.
 
     Each configured class folder is searched recursively for files with an
-    image extension (case-insensitive). Hidden files are skipped and counted.
+    image extension (case-insensitive). Hidden and system files, and the
+    paths in ``exclude`` (relative to the class root, as the data check
+    reports them), are left out and counted.
 
     Raises:
         DataError: If no class folder is found, a class has no images, or file
@@ -136,6 +175,7 @@ def scan_images(dataset_cfg: DictConfig, root: Path) -> list[ImageRecord]:
     relabelled = 0
     foreign = 0
     hidden = 0
+    excluded = 0
     for info in infos:
         folder = class_root / info.folder
         if not folder.is_dir():
@@ -145,10 +185,13 @@ def scan_images(dataset_cfg: DictConfig, root: Path) -> list[ImageRecord]:
             )
         files = sorted(path for path in folder.rglob("*") if path.is_file())
         for path in files:
-            if path.name.startswith("."):
+            if is_system_file(path):
                 hidden += 1
                 continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if not is_image_name(path):
+                continue
+            if str(path.relative_to(class_root)) in exclude:
+                excluded += 1
                 continue
 
             code = info.code
@@ -182,7 +225,9 @@ def scan_images(dataset_cfg: DictConfig, root: Path) -> list[ImageRecord]:
             "Adapt the pattern to these names, or rename the files."
         )
     if hidden:
-        log.warning("Skipped %d hidden files under %s", hidden, class_root)
+        log.warning("Skipped %d hidden and system files under %s", hidden, class_root)
+    if excluded:
+        log.warning("Left out %d files that the data check flagged", excluded)
     if relabelled:
         log.warning(
             "%d files sit in the folder of another class; their label follows the class code "
@@ -203,12 +248,13 @@ def scan_images(dataset_cfg: DictConfig, root: Path) -> list[ImageRecord]:
                 f"Class {info.code} ({info.species}) has no images in {class_root / info.folder}. "
                 f"Remove {info.code} from dataset.classes or add its images."
             )
-        if info.expected_images is not None and counts[info.code] != info.expected_images:
+        expected = info.expected_images if dataset_cfg.get("expected_images") is not None else None
+        if expected is not None and counts[info.code] != expected:
             log.warning(
                 "Class %s has %d images; the published data set has %d",
                 info.code,
                 counts[info.code],
-                info.expected_images,
+                expected,
             )
     log.info(
         "Found %d images in %s: %s",

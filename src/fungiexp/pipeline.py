@@ -8,7 +8,6 @@ with its own preprocessing layer.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import keras
@@ -17,18 +16,21 @@ import tensorflow as tf
 from omegaconf import DictConfig
 
 from fungiexp.errors import ConfigError
-from fungiexp.images import ImageRecord
+from fungiexp.images import ImageRecord, read_rgb
 
 AUTOTUNE = tf.data.AUTOTUNE
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")
 
 
 def load_image(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """Decode an image file of any size as RGB and resize it to ``image_size`` (uint8)."""
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    """Decode an image file of any mode and size as uint8 RGB resized to ``image_size``.
+
+    Decoding goes through Pillow (``images.read_rgb``), which reads more
+    formats and modes than TensorFlow's decoders (TIFF, CMYK, 16-bit).
+    """
+    image = tf.numpy_function(lambda file: read_rgb(file.decode(), image_size), [path], tf.uint8, stateful=False)
+    image.set_shape((*image_size, 3))
+    return image
 
 
 def make_dataset(
@@ -149,7 +151,3 @@ def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int)
         return None
     return keras.Sequential(layers, name="augmentation")
 
-
-def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    """Return the number of batches in one pass over ``num_images``."""
-    return math.ceil(num_images / batch_size)

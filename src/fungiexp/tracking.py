@@ -14,6 +14,8 @@ import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
 
+from fungiexp.validate import check_tracking_store
+
 log = logging.getLogger(__name__)
 
 TRUNCATION_MARKER = "...[truncated]"
@@ -39,6 +41,7 @@ def setup_tracking(tracking_cfg: DictConfig) -> tuple[str, str]:
         The resolved tracking URI and the experiment id.
     """
     uri = resolve_tracking_uri(str(tracking_cfg.uri))
+    check_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
     name = str(tracking_cfg.experiment)
     experiment = mlflow.get_experiment_by_name(name)

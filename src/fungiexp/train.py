@@ -16,17 +16,16 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from fungiexp import evaluate, plots, tracking
-from fungiexp.errors import ConfigError, DataError
-from fungiexp.fetch import ensure_dataset
-from fungiexp.images import class_infos, limit_per_class, scan_images
+from fungiexp.errors import ConfigError
+from fungiexp.data import PreparedData, prepare_data
+from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
 from fungiexp.pipeline import build_augmenter, make_dataset
-from fungiexp.split import SPLITS, class_counts, fingerprint, manifest_csv, split_records
+from fungiexp.split import SPLITS, fingerprint
+from fungiexp.validate import validate_config
 
 log = logging.getLogger(__name__)
 
-MONITORS = ("val_loss", "val_accuracy")
-CLASS_WEIGHTS = ("balanced", "none")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -38,32 +37,16 @@ def train(cfg: DictConfig) -> dict:
         ``val_macro_f1``, ``val_accuracy``, ``run_id``, ``experiment_id``,
         ``tracking_uri``, ``class_infos`` and ``history``.
     """
-    _check_trainer(cfg.trainer)
+    validate_config(cfg)
+    uri, experiment_id = tracking.setup_tracking(cfg.tracking)
     _configure_threads(cfg.trainer.threads)
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(int(cfg.trainer.seed))
 
     log.info("Preparing data from %s", cfg.dataset.root)
-    infos = class_infos(cfg.dataset)
-    codes = [info.code for info in infos]
-    root = ensure_dataset(cfg.dataset)
-    records = scan_images(cfg.dataset, root)
-    if cfg.dataset.limit_per_class:
-        records = limit_per_class(
-            records, int(cfg.dataset.limit_per_class), str(cfg.dataset.split.group_by), int(cfg.dataset.split.seed)
-        )
-        log.info("dataset.limit_per_class=%s keeps %d images", cfg.dataset.limit_per_class, len(records))
-    splits = split_records(records, cfg.dataset.split)
-    counts = class_counts(splits, codes)
-    for name in SPLITS:
-        if not splits[name]:
-            raise DataError(
-                f"The {name} split is empty ({len(records)} images in all). Use more images "
-                "(dataset.limit_per_class) or larger dataset.split fractions."
-            )
-        log.info("%s split: %d images (%s)", name, len(splits[name]), ", ".join(f"{c}={n}" for c, n in counts[name].items()))
-    manifest = manifest_csv(splits, codes)
+    data = prepare_data(cfg.dataset)
+    codes = data.codes
 
     log.info("Building model %s (fine_tune=%s)", cfg.model.name, cfg.fine_tune.name)
     image_size = tuple(int(side) for side in cfg.dataset.image_size)
@@ -76,17 +59,17 @@ def train(cfg: DictConfig) -> dict:
     )
     augmenter = build_augmenter(cfg.augmentation, image_size, int(cfg.trainer.seed))
     batch_size = int(cfg.trainer.batch_size)
+    class_root = data.report.class_root
     train_ds = make_dataset(
-        splits["train"], root, image_size, batch_size, training=True, augmenter=augmenter, seed=int(cfg.trainer.seed)
+        data.splits["train"], class_root, image_size, batch_size, training=True, augmenter=augmenter, seed=int(cfg.trainer.seed)
     )
-    val_ds = make_dataset(splits["val"], root, image_size, batch_size, training=False)
-    test_ds = make_dataset(splits["test"], root, image_size, batch_size, training=False)
+    val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
+    test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
 
-    uri, experiment_id = tracking.setup_tracking(cfg.tracking)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(cfg))
     log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, cfg.tracking.experiment, uri)
     try:
-        result = _tracked_run(cfg, model, splits, counts, manifest, infos, train_ds, val_ds, test_ds)
+        result = _tracked_run(cfg, model, data, train_ds, val_ds, test_ds)
     except KeyboardInterrupt:
         log.warning("Interrupted; MLflow run %s ends as KILLED", run.info.run_id)
         mlflow.end_run("KILLED")
@@ -98,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
         raise
     mlflow.end_run("FINISHED")
 
-    result.update(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, class_infos=infos)
+    result.update(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, class_infos=data.infos)
     return result
 
 
@@ -151,9 +134,10 @@ def keras_to_mlflow_name(key: str) -> str:
     return f"train/{key}"
 
 
-def _tracked_run(cfg, model, splits, counts, manifest, infos, train_ds, val_ds, test_ds) -> dict:
-    codes = [info.code for info in infos]
-    names = [info.display_name for info in infos]
+def _tracked_run(cfg, model, data: PreparedData, train_ds, val_ds, test_ds) -> dict:
+    codes = data.codes
+    names = [info.display_name for info in data.infos]
+    splits = data.splits
 
     log.info("Logging config, split and provenance")
     params = tracking.flatten_config(cfg)
@@ -167,14 +151,18 @@ def _tracked_run(cfg, model, splits, counts, manifest, infos, train_ds, val_ds, 
     )
     for name in SPLITS:
         params[f"data.{name}_images"] = str(len(splits[name]))
-        for code, count in counts[name].items():
+        for code, count in data.counts[name].items():
             params[f"data.{name}.{code}"] = str(count)
     tracking.log_params(params)
     tags = tracking.provenance_tags()
-    tags["fungiexp.data.split_sha256"] = fingerprint(manifest)
+    tags["fungiexp.data.split_sha256"] = fingerprint(data.manifest)
     mlflow.set_tags(tags)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-    mlflow.log_text(manifest, "data/split.csv")
+    mlflow.log_text(data.manifest, "data/split.csv")
+    mlflow.log_text(format_report(data.report), "data/check.txt")
+    mlflow.log_metric("data/skipped_images", len(data.skipped))
+    if data.skipped:
+        mlflow.log_text(data.skipped_csv(), "data/skipped.csv")
     _log_hydra_files()
 
     log.info("Training for up to %d epochs", cfg.trainer.epochs)
@@ -258,20 +246,6 @@ def _callbacks(trainer_cfg: DictConfig) -> list[keras.callbacks.Callback]:
             )
         )
     return callbacks
-
-
-def _check_trainer(trainer_cfg: DictConfig) -> None:
-    for key in ("epochs", "batch_size"):
-        if int(trainer_cfg[key]) <= 0:
-            raise ConfigError(f"trainer.{key}", f"must be a positive integer; got {trainer_cfg[key]}.")
-    if trainer_cfg.monitor not in MONITORS:
-        raise ConfigError("trainer.monitor", f"must be one of {', '.join(MONITORS)}; got {trainer_cfg.monitor!r}.")
-    if trainer_cfg.class_weight not in CLASS_WEIGHTS:
-        raise ConfigError(
-            "trainer.class_weight", f"must be one of {', '.join(CLASS_WEIGHTS)}; got {trainer_cfg.class_weight!r}."
-        )
-    if trainer_cfg.early_stopping.enabled and int(trainer_cfg.early_stopping.patience) < 1:
-        raise ConfigError("trainer.early_stopping.patience", f"must be at least 1; got {trainer_cfg.early_stopping.patience}.")
 
 
 def _configure_threads(threads_cfg: DictConfig) -> None:

@@ -1,0 +1,150 @@
+"""Structured config schemas: every key of every config group, with its type.
+
+Merging a composed config into these dataclasses rejects unknown keys (a
+misspelt ``trainer.epoch``) and values of the wrong type before any data is
+read. Groups whose options differ in keys (``model``, ``optimizer``) list the
+union of their options' keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ClassInfoSchema:
+    folder: str = "???"
+    species: str = ""
+    expected_images: Optional[int] = None
+
+
+@dataclass
+class SplitSchema:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    group_by: str = "source_image"
+    group_pattern: str = "???"
+    seed: int = 42
+    folds: Optional[int] = None
+    fold: int = 0
+    manifest: Optional[str] = None
+
+
+@dataclass
+class DatasetSchema:
+    name: str = "???"
+    root: str = "???"
+    source: Optional[str] = None
+    sha256: Optional[str] = None
+    expected_images: Optional[int] = None
+    on_bad_image: str = "error"
+    cache_dir: Optional[str] = None
+    classes: List[str] = field(default_factory=list)
+    class_info: Dict[str, ClassInfoSchema] = field(default_factory=dict)
+    label_pattern: str = "???"
+    image_size: List[int] = field(default_factory=lambda: [128, 128])
+    limit_per_class: Optional[int] = None
+    split: SplitSchema = field(default_factory=SplitSchema)
+
+
+@dataclass
+class AugmentationSchema:
+    name: str = "none"
+    rotation_degrees: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    zoom: float = 0.0
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    rot90: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    fill_mode: str = "reflect"
+
+
+@dataclass
+class HeadSchema:
+    type: str = "flatten"
+    dense_units: int = 0
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelSchema:
+    name: str = "???"
+    weights: Optional[str] = None
+    preprocessing: str = "auto"
+    head: HeadSchema = field(default_factory=HeadSchema)
+    # small_cnn only.
+    blocks: Optional[List[List[int]]] = None
+    kernel_size: int = 3
+    activation: str = "relu"
+
+
+@dataclass
+class OptimizerSchema:
+    name: str = "???"
+    lr: float = 1e-4
+    weight_decay: Optional[float] = None
+    # adam only.
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    # sgd only.
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class FineTuneSchema:
+    name: str = "???"
+    trainable_from: Optional[str] = None
+    frozen: bool = False
+
+
+@dataclass
+class EarlyStoppingSchema:
+    enabled: bool = True
+    patience: int = 5
+    min_delta: float = 0.0
+
+
+@dataclass
+class ThreadsSchema:
+    intra_op: int = 0
+    inter_op: int = 0
+
+
+@dataclass
+class TrainerSchema:
+    epochs: int = 15
+    batch_size: int = 32
+    seed: int = 42
+    class_weight: str = "balanced"
+    monitor: str = "val_loss"
+    early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
+    restore_best: bool = True
+    jit_compile: Any = "auto"
+    threads: ThreadsSchema = field(default_factory=ThreadsSchema)
+    verbose: int = 2
+
+
+@dataclass
+class TrackingSchema:
+    uri: str = "???"
+    artifact_root: str = "???"
+    experiment: str = "???"
+    run_name: Optional[str] = None
+    log_model: bool = True
+
+
+@dataclass
+class RunSchema:
+    dataset: DatasetSchema = field(default_factory=DatasetSchema)
+    augmentation: AugmentationSchema = field(default_factory=AugmentationSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    fine_tune: FineTuneSchema = field(default_factory=FineTuneSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)

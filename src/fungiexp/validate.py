@@ -1,0 +1,249 @@
+"""Check a composed config before any data is read or model is built.
+
+Every check here is cheap and imports no TensorFlow, so a typo fails in the
+first second of a run instead of after an hour of training. Messages name the
+dotted key, the value received and the valid choices or range.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fungiexp.errors import ConfigError
+from fungiexp.schema import RunSchema
+
+MODELS = ("vgg16", "small_cnn")
+PREPROCESSING = ("auto", "vgg16", "rescale")
+HEADS = ("flatten", "gap")
+OPTIMIZERS = ("adam", "sgd")
+MONITORS = ("val_loss", "val_accuracy")
+CLASS_WEIGHTS = ("balanced", "none")
+GROUP_LEVELS = ("source_image", "sample", "none")
+BAD_IMAGE_POLICIES = ("error", "skip")
+FILL_MODES = ("reflect", "wrap", "nearest", "constant")
+# Layer names of keras.applications.VGG16 without its top, in order.
+VGG16_LAYERS = tuple(
+    f"block{block}_{kind}"
+    for block, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    for kind in [f"conv{index}" for index in range(1, convs + 1)] + ["pool"]
+)
+# VGG16 applies five 2x2 max-pools, so smaller inputs leave no pixels.
+VGG16_MIN_SIZE = 32
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid key or value of ``cfg``.
+
+    Checks, in order: unknown keys and wrong types (against ``schema.RunSchema``),
+    then the values of each group, then the combinations of groups.
+    """
+    _check_schema(cfg)
+    _check_dataset(cfg.dataset)
+    _check_augmentation(cfg.augmentation, cfg.dataset.image_size)
+    _check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
+    _check_optimizer(cfg.optimizer)
+    _check_trainer(cfg.trainer)
+
+
+def _check_schema(cfg: DictConfig) -> None:
+    try:
+        OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)
+    except OmegaConfBaseException as error:
+        first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
+        key = error.full_key or "config"
+        raise ConfigError(key, f"{first_line}. Check the spelling against `fungiexp train --cfg job`.") from None
+
+
+def choice(key: str, value, allowed) -> None:
+    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}.")
+
+
+def positive(key: str, value, integer: bool = False) -> None:
+    """Raise ConfigError unless ``value`` is above zero."""
+    if value is None or value <= 0:
+        kind = "a positive integer" if integer else "positive"
+        raise ConfigError(key, f"must be {kind}; got {value!r}.")
+
+
+def _check_dataset(dataset: DictConfig) -> None:
+    size = list(dataset.image_size)
+    if len(size) != 2 or any(side <= 0 for side in size):
+        raise ConfigError("dataset.image_size", f"must be [height, width] in pixels, both positive; got {size}.")
+    codes = list(dataset.classes)
+    if len(codes) < 2:
+        raise ConfigError("dataset.classes", f"needs at least two class codes; got {codes}.")
+    unknown = [code for code in codes if code not in dataset.class_info]
+    if unknown:
+        raise ConfigError(
+            "dataset.classes", f"{unknown} not in dataset.class_info; valid codes are {sorted(dataset.class_info)}."
+        )
+    if len(set(codes)) != len(codes):
+        raise ConfigError("dataset.classes", f"lists a class more than once; got {codes}.")
+    choice("dataset.on_bad_image", dataset.on_bad_image, BAD_IMAGE_POLICIES)
+    if dataset.limit_per_class is not None:
+        positive("dataset.limit_per_class", dataset.limit_per_class, integer=True)
+    for key in ("label_pattern", "split.group_pattern"):
+        pattern = OmegaConf.select(dataset, key)
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"dataset.{key}", f"is not a valid regular expression ({error}); got {pattern!r}.") from None
+
+    split = dataset.split
+    choice("dataset.split.group_by", split.group_by, GROUP_LEVELS)
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 < split[key] < 1.0:
+            raise ConfigError(f"dataset.split.{key}", f"must be between 0 and 1 (exclusive); got {split[key]}.")
+    if split.val_fraction + split.test_fraction >= 1.0:
+        raise ConfigError(
+            "dataset.split",
+            f"val_fraction + test_fraction must be below 1; got {split.val_fraction} + {split.test_fraction}.",
+        )
+    if split.folds is not None:
+        if split.folds < 2:
+            raise ConfigError("dataset.split.folds", f"must be null (no folds) or at least 2; got {split.folds}.")
+        if not 0 <= split.fold < split.folds:
+            raise ConfigError("dataset.split.fold", f"must be in 0..{split.folds - 1} for {split.folds} folds; got {split.fold}.")
+    if split.manifest is not None and not Path(split.manifest).is_file():
+        raise ConfigError("dataset.split.manifest", f"file {split.manifest} not found; give the split.csv of an earlier run or null.")
+
+    root = Path(dataset.root)
+    if not root.exists() and not dataset.source:
+        raise ConfigError(
+            "dataset.root",
+            f"folder {root} does not exist and dataset.source is not set. Set dataset.source to the "
+            "DeFungi archive (for example dataset.source=../shared/data/defungi.zip) or dataset.root "
+            "to an extracted copy.",
+        )
+    if root.is_dir():
+        _check_class_folders(dataset, root)
+
+
+def _check_class_folders(dataset: DictConfig, root: Path) -> None:
+    from fungiexp.images import find_class_root
+
+    folders = {code: str(dataset.class_info[code].folder) for code in dataset.classes}
+    class_root = find_class_root(root, list(folders.values()))
+    if class_root is None:
+        return
+    missing = [code for code, folder in folders.items() if not (class_root / folder).is_dir()]
+    if missing:
+        present = sorted(code for code, folder in folders.items() if code not in missing)
+        raise ConfigError(
+            "dataset.classes",
+            f"classes {missing} have no folder in {class_root}; classes present are {present}. "
+            "Remove the missing classes from dataset.classes or restore their folders.",
+        )
+
+
+def _check_augmentation(augmentation: DictConfig, image_size) -> None:
+    for key in ("rotation_degrees", "width_shift", "height_shift", "zoom", "brightness", "contrast"):
+        if augmentation[key] < 0:
+            raise ConfigError(f"augmentation.{key}", f"must be 0 or positive; got {augmentation[key]}.")
+    for key in ("width_shift", "height_shift", "zoom", "brightness", "contrast"):
+        if augmentation[key] >= 1:
+            raise ConfigError(f"augmentation.{key}", f"must be below 1 (a fraction); got {augmentation[key]}.")
+    choice("augmentation.fill_mode", augmentation.fill_mode, FILL_MODES)
+    if augmentation.rot90 and image_size[0] != image_size[1]:
+        raise ConfigError(
+            "augmentation.rot90",
+            f"needs square images; dataset.image_size is {list(image_size)}. Set augmentation.rot90=false or a square size.",
+        )
+
+
+def _check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
+    choice("model.name", model.name, MODELS)
+    choice("model.preprocessing", model.preprocessing, PREPROCESSING)
+    choice("model.head.type", model.head.type, HEADS)
+    if model.head.dense_units < 0:
+        raise ConfigError("model.head.dense_units", f"must be 0 (no dense layer) or positive; got {model.head.dense_units}.")
+    if not 0.0 <= model.head.dropout < 1.0:
+        raise ConfigError("model.head.dropout", f"must be in [0, 1); got {model.head.dropout}.")
+
+    weights = model.weights
+    if weights is not None and weights != "imagenet" and not Path(weights).expanduser().is_file():
+        raise ConfigError(
+            "model.weights", f"weights file {weights} not found. Set model.weights to imagenet, null, or an existing file."
+        )
+
+    smallest = min(image_size)
+    if model.name == "vgg16":
+        if smallest < VGG16_MIN_SIZE:
+            raise ConfigError(
+                "dataset.image_size",
+                f"model=vgg16 needs at least {VGG16_MIN_SIZE}x{VGG16_MIN_SIZE} pixels; got {list(image_size)}.",
+            )
+        first = fine_tune.trainable_from
+        if first is not None and first not in VGG16_LAYERS:
+            valid = ", ".join(name for name in VGG16_LAYERS if name.endswith("_conv1"))
+            raise ConfigError(
+                "fine_tune.trainable_from",
+                f"layer {first!r} (fine_tune={fine_tune.name}) does not exist in model=vgg16; valid first layers are {valid}.",
+            )
+        return
+
+    # small_cnn
+    if fine_tune.name != "all" or fine_tune.frozen or fine_tune.trainable_from:
+        raise ConfigError(
+            "fine_tune",
+            f"fine_tune={fine_tune.name} does not apply to model=small_cnn, which has no pretrained backbone "
+            "to freeze. Use fine_tune=all, or model=vgg16.",
+        )
+    if weights == "imagenet":
+        raise ConfigError("model.weights", "model=small_cnn has no ImageNet weights; set model.weights=null or a weights file.")
+    blocks = model.blocks
+    if not blocks or any(not block for block in blocks):
+        raise ConfigError("model.blocks", f"must be a non-empty list of non-empty lists of filter counts; got {blocks}.")
+    downsampling = 2 ** (len(blocks) - 1)
+    if smallest < downsampling:
+        raise ConfigError(
+            "dataset.image_size",
+            f"model.blocks pools {len(blocks) - 1} times, so images need at least {downsampling}x{downsampling} "
+            f"pixels; got {list(image_size)}.",
+        )
+
+
+def _check_optimizer(optimizer: DictConfig) -> None:
+    choice("optimizer.name", optimizer.name, OPTIMIZERS)
+    positive("optimizer.lr", optimizer.lr)
+    if optimizer.weight_decay is not None and optimizer.weight_decay < 0:
+        raise ConfigError("optimizer.weight_decay", f"must be null or 0 or positive; got {optimizer.weight_decay}.")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    positive("trainer.epochs", trainer.epochs, integer=True)
+    positive("trainer.batch_size", trainer.batch_size, integer=True)
+    choice("trainer.monitor", trainer.monitor, MONITORS)
+    choice("trainer.class_weight", trainer.class_weight, CLASS_WEIGHTS)
+    if trainer.early_stopping.enabled:
+        positive("trainer.early_stopping.patience", trainer.early_stopping.patience, integer=True)
+    choice("trainer.jit_compile", trainer.jit_compile, ("auto", True, False))
+
+
+def check_tracking_store(uri: str) -> None:
+    """Raise ConfigError if the MLflow store at ``uri`` cannot be reached or created."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                response.read()
+        except OSError as error:
+            raise ConfigError(
+                "tracking.uri",
+                f"MLflow tracking server {uri} is not reachable ({error}). Start it (`mlflow server "
+                "--host 127.0.0.1`) or set tracking=local.",
+            ) from None
+    elif parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError("tracking.uri", f"cannot create the folder of {path} ({error}); choose a writable path.") from None

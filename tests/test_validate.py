@@ -1,0 +1,83 @@
+"""Config validation rejects bad settings before any data is read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import compose_config
+from fungiexp.errors import ConfigError
+from fungiexp.validate import validate_config
+
+INVALID = [
+    (["+trainer.epoch=3"], r"trainer.epoch: Key 'epoch' not in 'TrainerSchema'"),
+    (["trainer.epochs=abc"], r"trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.epochs=0"], r"trainer.epochs: must be a positive integer; got 0"),
+    (["trainer.batch_size=-8"], r"trainer.batch_size: must be a positive integer; got -8"),
+    (["optimizer.lr=0"], r"optimizer.lr: must be positive; got 0\b"),
+    (["optimizer.name=rmsprop"], r"optimizer.name: must be one of adam, sgd; got 'rmsprop'"),
+    (["dataset.split.val_fraction=0.6", "dataset.split.test_fraction=0.4"], r"val_fraction \+ test_fraction must be below 1"),
+    (["dataset.classes=[H1,H9]"], r"dataset.classes: \['H9'\] not in dataset.class_info; valid codes are"),
+    (["model=vgg16", "model.weights=null", "dataset.image_size=[16,16]"], r"model=vgg16 needs at least 32x32 pixels; got \[16, 16\]"),
+    (["model=vgg16", "model.weights=null", "fine_tune.trainable_from=block6_conv1"], r"valid first layers are block1_conv1, block2_conv1"),
+    (["model=small_cnn", "fine_tune=block5"], r"fine_tune=block5 does not apply to model=small_cnn"),
+    (["model=vgg16", "model.weights=/nowhere/vgg16.h5"], r"model.weights: weights file /nowhere/vgg16.h5 not found"),
+    (["trainer.monitor=test_loss"], r"trainer.monitor: must be one of val_loss, val_accuracy; got 'test_loss'"),
+    (["dataset.split.group_by=patient"], r"dataset.split.group_by: must be one of source_image, sample, none"),
+    (["augmentation.fill_mode=mirror"], r"augmentation.fill_mode: must be one of reflect, wrap, nearest, constant"),
+    (["dataset.image_size=[128,96]"], r"augmentation.rot90: needs square images"),
+    (["dataset.split.folds=5", "dataset.split.fold=7"], r"dataset.split.fold: must be in 0..4 for 5 folds; got 7"),
+    (["dataset.on_bad_image=ignore"], r"dataset.on_bad_image: must be one of error, skip; got 'ignore'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), INVALID, ids=[" ".join(case[0]) for case in INVALID])
+def test_invalid_config_raises(synthetic_root, overrides, message):
+    cfg = compose_config([f"dataset.root={synthetic_root}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_missing_class_folder_raises(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    (root / "TSH").mkdir(parents=True)
+    (root / "BASH").mkdir()
+    cfg = compose_config([f"dataset.root={root}", "dataset=defungi_h123"])
+    with pytest.raises(ConfigError, match=r"dataset.classes: classes \['H3'\] have no folder in .*; classes present are \['H1', 'H2'\]"):
+        validate_config(cfg)
+
+
+def test_missing_root_without_source_raises(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.root: folder .*absent does not exist and dataset.source is not set"):
+        validate_config(compose_config([f"dataset.root={tmp_path / 'absent'}"]))
+
+
+def test_unreachable_tracking_server_raises(synthetic_root):
+    from fungiexp.validate import check_tracking_store
+
+    # Port 9 (discard) on the loopback interface has no MLflow server.
+    with pytest.raises(ConfigError, match=r"tracking.uri: MLflow tracking server http://127.0.0.1:9 is not reachable"):
+        check_tracking_store("http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("option", ["defungi", "defungi_h123"])
+def test_shipped_configs_are_valid(synthetic_root, option):
+    for model in (["model=small_cnn"], ["model=vgg16", "fine_tune=block5"], ["model=vgg16", "fine_tune=frozen"]):
+        validate_config(compose_config([f"dataset={option}", f"dataset.root={synthetic_root}", *model]))
+
+
+def test_cli_rejects_config_before_importing_tensorflow(synthetic_root, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "fungiexp", "train", f"dataset.root={synthetic_root}", "optimizer.lr=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 1
+    output = completed.stdout + completed.stderr
+    assert "optimizer.lr: must be positive; got -1" in output
+    assert "Traceback" not in output
+    assert "oneDNN" not in output
