@@ -76,6 +76,7 @@ def quick_overrides(synthetic_root, tmp_path) -> list[str]:
         "trainer.epochs=1",
         "trainer.batch_size=8",
         "trainer.verbose=0",
+        f"trainer.checkpoint_dir={tmp_path}/checkpoints",
         f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
         f"tracking.artifact_root={tmp_path}/mlruns/artifacts",
         "tracking.experiment=test",

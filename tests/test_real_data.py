@@ -58,6 +58,7 @@ def test_real_data_smoke_run(defungi_root, tmp_path):
             "trainer.verbose=0",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.artifact_root={tmp_path}/artifacts",
+            f"trainer.checkpoint_dir={tmp_path}/checkpoints",
         ]
     )
     result = train(cfg)

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 from fungiexp.errors import DataError
-from fungiexp.train import keras_to_mlflow_name, train
+from fungiexp.callbacks import keras_to_mlflow_name
+from fungiexp.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.
         sys.argv = ["fungiexp train", *rest]
-        train_app()
+        try:
+            train_app()
+        except KeyboardInterrupt:
+            print("fungiexp train: interrupted", file=sys.stderr)
+            return 130
         return 0
 
     if command == "data":

@@ -79,8 +79,8 @@ def prepare_data(dataset_cfg: DictConfig) -> PreparedData:
                 f"The {name} split is empty ({len(records)} images in all). Use more images "
                 "(dataset.limit_per_class) or larger dataset.split fractions."
             )
-        shown = ", ".join(f"{code}={count}" for code, count in counts[name].items())
-        log.info("%s split: %d images (%s)", name, len(splits[name]), shown)
+        per_class = ", ".join(f"{code}={count}" for code, count in counts[name].items())
+        log.info("%s split: %d images (%s)", name, len(splits[name]), per_class)
     return PreparedData(root, infos, splits, counts, manifest_csv(splits, codes), report, skipped)
 
 

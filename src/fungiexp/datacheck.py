@@ -58,7 +58,7 @@ class ClassStats:
 
 @dataclass
 class ScanReport:
-    """What a scan found: per-class counts and problems by kind (kind -> list of (path, detail))."""
+    """Result of a data scan: per-class counts, and problems by kind as lists of (path, detail)."""
 
     class_root: Path
     classes: dict[str, ClassStats] = field(default_factory=dict)

@@ -127,6 +127,8 @@ class TrainerSchema:
     restore_best: bool = True
     jit_compile: Any = "auto"
     threads: ThreadsSchema = field(default_factory=ThreadsSchema)
+    checkpoint_dir: str = "checkpoints"
+    resume: Optional[str] = None
     verbose: int = 2
 
 

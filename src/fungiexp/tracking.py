@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import platform
 import subprocess
@@ -19,6 +20,9 @@ from fungiexp.validate import check_tracking_store
 log = logging.getLogger(__name__)
 
 TRUNCATION_MARKER = "...[truncated]"
+MAX_NAME_LENGTH = 250
+# MLflow accepts letters, digits, underscores, dashes, periods, spaces, colons and slashes in names.
+_INVALID_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 VERSIONED_PACKAGES = ("tensorflow", "keras", "mlflow", "hydra-core", "omegaconf", "numpy", "scikit-learn", "fungiexp")
 
 
@@ -55,6 +59,11 @@ def setup_tracking(tracking_cfg: DictConfig) -> tuple[str, str]:
     return uri, experiment_id
 
 
+def metric_name(name: str) -> str:
+    """Return ``name`` with characters MLflow rejects replaced by ``_``, cut to its length limit."""
+    return _INVALID_NAME_CHARACTERS.sub("_", name)[:MAX_NAME_LENGTH]
+
+
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
     """Flatten a resolved config into dotted keys with string values.
 
@@ -72,7 +81,7 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
         text = json.dumps(value) if isinstance(value, list) else str(value)
         if len(text) > MAX_PARAM_VAL_LENGTH:
             text = text[: MAX_PARAM_VAL_LENGTH - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
-        flat[prefix] = text
+        flat[metric_name(prefix)] = text
 
     visit("", container)
     return flat

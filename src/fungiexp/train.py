@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
+import signal
 import tempfile
+import threading
 import traceback
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fungiexp import evaluate, plots, tracking
+from fungiexp.callbacks import BEST_WEIGHTS, LAST_MODEL, BestEpoch, EpochCheckpoint, MlflowEpochLogger, read_state
 from fungiexp.errors import ConfigError
 from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
@@ -27,18 +35,30 @@ from fungiexp.validate import validate_config
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
+CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config and log it to MLflow.
+
+    With ``trainer.resume`` set to a run id (or ``last``), the interrupted run
+    continues from its last checkpoint with its own logged config and split,
+    logging into the same MLflow run.
 
     Returns:
         A dict with ``test`` (the metrics of ``evaluate.evaluate_predictions``),
         ``val_macro_f1``, ``val_accuracy``, ``run_id``, ``experiment_id``,
         ``tracking_uri``, ``class_infos`` and ``history``.
     """
-    validate_config(cfg)
-    uri, experiment_id = tracking.setup_tracking(cfg.tracking)
+    resume_point = None
+    if cfg.trainer.get("resume"):
+        uri, experiment_id = tracking.setup_tracking(cfg.tracking)
+        resume_point = find_resume_point(cfg, experiment_id)
+        cfg = resume_point.config
+        validate_config(cfg)
+    else:
+        validate_config(cfg)
+        uri, experiment_id = tracking.setup_tracking(cfg.tracking)
     _configure_threads(cfg.trainer.threads)
     keras.backend.clear_session()
     gc.collect()
@@ -46,33 +66,43 @@ def train(cfg: DictConfig) -> dict:
 
     log.info("Preparing data from %s", cfg.dataset.root)
     data = prepare_data(cfg.dataset)
-    codes = data.codes
 
-    log.info("Building model %s (fine_tune=%s)", cfg.model.name, cfg.fine_tune.name)
     image_size = tuple(int(side) for side in cfg.dataset.image_size)
-    model = build_model(cfg.model, cfg.fine_tune, len(codes), image_size)
-    model.compile(
-        optimizer=build_optimizer(cfg.optimizer),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=cfg.trainer.jit_compile,
-    )
-    augmenter = build_augmenter(cfg.augmentation, image_size, int(cfg.trainer.seed))
-    batch_size = int(cfg.trainer.batch_size)
-    class_root = data.report.class_root
-    train_ds = make_dataset(
-        data.splits["train"], class_root, image_size, batch_size, training=True, augmenter=augmenter, seed=int(cfg.trainer.seed)
-    )
-    val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
-    test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
+    if resume_point:
+        log.info("Loading the checkpoint of epoch %d from %s", resume_point.state["epoch"], resume_point.directory)
+        model = keras.saving.load_model(resume_point.directory / LAST_MODEL, safe_mode=True)
+    else:
+        log.info("Building model %s (fine_tune=%s)", cfg.model.name, cfg.fine_tune.name)
+        model = build_model(cfg.model, cfg.fine_tune, len(data.codes), image_size)
+        model.compile(
+            optimizer=build_optimizer(cfg.optimizer),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=cfg.trainer.jit_compile,
+        )
+    datasets = _make_datasets(cfg, data, image_size)
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(cfg))
-    log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, cfg.tracking.experiment, uri)
+    if resume_point:
+        run = mlflow.start_run(run_id=resume_point.run_id)
+        log.info("Resuming MLflow run %s at epoch %d", run.info.run_id, resume_point.state["epoch"] + 1)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=_run_name(cfg))
+        log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, cfg.tracking.experiment, uri)
+    checkpoint_dir = (Path(str(cfg.trainer.checkpoint_dir)) / run.info.run_id).resolve()
     try:
-        result = _tracked_run(cfg, model, data, train_ds, val_ds, test_ds)
+        with _sigterm_as_interrupt():
+            result = _tracked_run(cfg, model, data, datasets, checkpoint_dir, resume_point)
     except KeyboardInterrupt:
-        log.warning("Interrupted; MLflow run %s ends as KILLED", run.info.run_id)
+        # A second Ctrl-C during the clean-up below stops the process at once.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        log.warning(
+            "Interrupted; MLflow run %s ends as KILLED. Continue it with trainer.resume=%s",
+            run.info.run_id,
+            run.info.run_id,
+        )
+        _log_job_log()
         mlflow.end_run("KILLED")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         raise
     except BaseException:
         log.exception("Run failed; MLflow run %s ends as FAILED", run.info.run_id)
@@ -83,6 +113,63 @@ def train(cfg: DictConfig) -> dict:
 
     result.update(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, class_infos=data.infos)
     return result
+
+
+@dataclass
+class ResumePoint:
+    """An interrupted run to continue: its id, logged config, checkpoint folder and state."""
+
+    run_id: str
+    config: DictConfig
+    directory: Path
+    state: dict
+
+
+def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
+    """Find the run that ``trainer.resume`` names and load its config and checkpoint state.
+
+    Raises:
+        ConfigError: If the run does not exist, already finished, or has no checkpoint.
+    """
+    client = MlflowClient()
+    wanted = str(cfg.trainer.resume)
+    if wanted == "last":
+        candidates = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+        unfinished = [run for run in candidates if run.info.status in ("KILLED", "FAILED") and CHECKPOINT_TAG in run.data.tags]
+        if not unfinished:
+            raise ConfigError(
+                "trainer.resume",
+                f"no interrupted run with a checkpoint in experiment {cfg.tracking.experiment!r}; "
+                "give a run id or start a new run.",
+            )
+        run = unfinished[0]
+    else:
+        try:
+            run = client.get_run(wanted)
+        except MlflowException as error:
+            raise ConfigError("trainer.resume", f"run {wanted!r} not found in {mlflow.get_tracking_uri()}.") from error
+    if run.info.status == "FINISHED":
+        raise ConfigError("trainer.resume", f"run {run.info.run_id} already finished; nothing to resume.")
+    directory = Path(run.data.tags.get(CHECKPOINT_TAG, ""))
+    state = read_state(directory) if run.data.tags.get(CHECKPOINT_TAG) else None
+    if state is None:
+        raise ConfigError(
+            "trainer.resume",
+            f"run {run.info.run_id} has no checkpoint (it stopped before its first epoch ended, or "
+            f"{directory} was removed); start a new run.",
+        )
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config/resolved.yaml", folder))
+        manifest = directory / "split.csv"
+        if not manifest.is_file():
+            shutil.copy(client.download_artifacts(run.info.run_id, "data/split.csv", folder), manifest)
+    # The store stays the one this command points at, and the split is the logged one.
+    config.tracking = cfg.tracking
+    config.dataset.split.manifest = str(manifest)
+    config.trainer.resume = run.info.run_id
+    log.info("Resuming run %s from the checkpoint of epoch %d in %s", run.info.run_id, state["epoch"], directory)
+    return ResumePoint(run.info.run_id, config, directory, state)
 
 
 def build_optimizer(optimizer_cfg: DictConfig) -> keras.optimizers.Optimizer:
@@ -119,65 +206,33 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
     return {label: total / (num_classes * counts[label]) if counts[label] else 0.0 for label in range(num_classes)}
 
 
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Log Keras epoch metrics to the active MLflow run, with the 1-based epoch as step."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        metrics = {keras_to_mlflow_name(key): float(value) for key, value in (logs or {}).items()}
-        mlflow.log_metrics(metrics, step=epoch + 1)
-
-
-def keras_to_mlflow_name(key: str) -> str:
-    """Map a Keras log key to an MLflow metric name with its split: ``val_loss`` -> ``val/loss``."""
-    if key.startswith("val_"):
-        return f"val/{key[len('val_'):]}"
-    return f"train/{key}"
-
-
-def _tracked_run(cfg, model, data: PreparedData, train_ds, val_ds, test_ds) -> dict:
+def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path, resume_point) -> dict:
     codes = data.codes
     names = [info.display_name for info in data.infos]
     splits = data.splits
+    train_ds, val_ds, test_ds = datasets
 
-    log.info("Logging config, split and provenance")
-    params = tracking.flatten_config(cfg)
-    trainable, frozen = count_parameters(model)
-    params.update(
-        {
-            "model.preprocessing_resolved": resolve_preprocessing(cfg.model),
-            "model.trainable_params": str(trainable),
-            "model.frozen_params": str(frozen),
-        }
-    )
-    for name in SPLITS:
-        params[f"data.{name}_images"] = str(len(splits[name]))
-        for code, count in data.counts[name].items():
-            params[f"data.{name}.{code}"] = str(count)
-    tracking.log_params(params)
-    tags = tracking.provenance_tags()
-    tags["fungiexp.data.split_sha256"] = fingerprint(data.manifest)
-    mlflow.set_tags(tags)
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
-    mlflow.log_text(data.manifest, "data/split.csv")
-    mlflow.log_text(format_report(data.report), "data/check.txt")
-    mlflow.log_metric("data/skipped_images", len(data.skipped))
-    if data.skipped:
-        mlflow.log_text(data.skipped_csv(), "data/skipped.csv")
-    _log_hydra_files()
+    if resume_point is None:
+        log.info("Logging config, split and provenance")
+        _log_run_inputs(cfg, model, data)
+    mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint_dir))
 
-    log.info("Training for up to %d epochs", cfg.trainer.epochs)
+    initial_epoch = resume_point.state["epoch"] if resume_point else 0
+    log.info("Training epochs %d to %d", initial_epoch + 1, cfg.trainer.epochs)
     weights = class_weights([record.label for record in splits["train"]], len(codes), str(cfg.trainer.class_weight))
-    history = model.fit(
+    model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=int(cfg.trainer.epochs),
+        initial_epoch=initial_epoch,
         class_weight=weights,
-        callbacks=_callbacks(cfg.trainer),
+        callbacks=_callbacks(cfg.trainer, checkpoint_dir, resume_point),
         verbose=int(cfg.trainer.verbose),
         # The training dataset shuffles itself every epoch.
         shuffle=False,
     )
-    history_dict = {key: [float(value) for value in values] for key, values in history.history.items()}
+    # Read the curves back from MLflow, so that a resumed run plots every epoch.
+    history = _logged_history(mlflow.active_run().info.run_id)
 
     log.info("Evaluating on the validation and test splits")
     val_probabilities = model.predict(val_ds, verbose=0)
@@ -193,8 +248,8 @@ def _tracked_run(cfg, model, data: PreparedData, train_ds, val_ds, test_ds) -> d
     log.info("Logging figures, report and model")
     title = f"{cfg.model.name} on {cfg.dataset.name} ({_run_name(cfg)})"
     mlflow.log_figure(plots.plot_confusion_matrix(test["confusion"], names, f"Test confusion matrix: {title}"), "plots/confusion_matrix.png")
-    mlflow.log_figure(plots.plot_curve(history_dict, "accuracy", f"Accuracy: {title}"), "plots/accuracy_curve.png")
-    mlflow.log_figure(plots.plot_curve(history_dict, "loss", f"Loss: {title}"), "plots/loss_curve.png")
+    mlflow.log_figure(plots.plot_curve(history, "accuracy", f"Accuracy: {title}"), "plots/accuracy_curve.png")
+    mlflow.log_figure(plots.plot_curve(history, "loss", f"Loss: {title}"), "plots/loss_curve.png")
     report = {key: value for key, value in test.items() if key not in ("confusion", "report_text")}
     report["confusion"] = test["confusion"].tolist()
     report["class_names"] = names
@@ -207,7 +262,72 @@ def _tracked_run(cfg, model, data: PreparedData, train_ds, val_ds, test_ds) -> d
             mlflow.log_artifact(str(path), "model")
     _log_job_log()
 
-    return {"test": test, "val_macro_f1": val_macro_f1, "val_accuracy": val_accuracy, "history": history_dict}
+    return {"test": test, "val_macro_f1": val_macro_f1, "val_accuracy": val_accuracy, "history": history}
+
+
+def _log_run_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData) -> None:
+    params = tracking.flatten_config(cfg)
+    trainable, frozen = count_parameters(model)
+    params.update(
+        {
+            "model.preprocessing_resolved": resolve_preprocessing(cfg.model),
+            "model.trainable_params": str(trainable),
+            "model.frozen_params": str(frozen),
+        }
+    )
+    for name in SPLITS:
+        params[f"data.{name}_images"] = str(len(data.splits[name]))
+        for code, count in data.counts[name].items():
+            params[tracking.metric_name(f"data.{name}.{code}")] = str(count)
+    tracking.log_params(params)
+    tags = tracking.provenance_tags()
+    tags["fungiexp.data.split_sha256"] = fingerprint(data.manifest)
+    mlflow.set_tags(tags)
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    mlflow.log_text(data.manifest, "data/split.csv")
+    mlflow.log_text(format_report(data.report), "data/check.txt")
+    mlflow.log_metric("data/skipped_images", len(data.skipped))
+    if data.skipped:
+        mlflow.log_text(data.skipped_csv(), "data/skipped.csv")
+    _log_hydra_files()
+
+
+def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
+    augmenter = build_augmenter(cfg.augmentation, image_size, int(cfg.trainer.seed))
+    batch_size = int(cfg.trainer.batch_size)
+    class_root = data.report.class_root
+    train_ds = make_dataset(
+        data.splits["train"], class_root, image_size, batch_size, training=True, augmenter=augmenter, seed=int(cfg.trainer.seed)
+    )
+    val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
+    test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
+    return train_ds, val_ds, test_ds
+
+
+def _logged_history(run_id: str) -> dict[str, list[float]]:
+    client = MlflowClient()
+    history = {}
+    for keras_key, name in (("loss", "train/loss"), ("accuracy", "train/accuracy"), ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy")):
+        points = sorted(client.get_metric_history(run_id, name), key=lambda point: point.step)
+        history[keras_key] = [point.value for point in points]
+    return history
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while training, so both end the run the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _log_test_metrics(test: dict, codes: list[str]) -> None:
@@ -226,26 +346,22 @@ def _log_test_metrics(test: dict, codes: list[str]) -> None:
     }
     for code in codes:
         for measure, value in test["per_class"][code].items():
-            metrics[f"test/{code}/{measure}"] = float(value)
+            metrics[tracking.metric_name(f"test/{code}/{measure}")] = float(value)
     mlflow.log_metrics(metrics)
 
 
-def _callbacks(trainer_cfg: DictConfig) -> list[keras.callbacks.Callback]:
-    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger()]
+def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point) -> list[keras.callbacks.Callback]:
     early = trainer_cfg.early_stopping
-    if early.enabled or trainer_cfg.restore_best:
-        # With early stopping off, a patience longer than training keeps the
-        # callback only for restoring the best epoch's weights.
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=str(trainer_cfg.monitor),
-                patience=int(early.patience) if early.enabled else int(trainer_cfg.epochs) + 1,
-                min_delta=float(early.min_delta),
-                restore_best_weights=bool(trainer_cfg.restore_best),
-                verbose=1,
-            )
-        )
-    return callbacks
+    best_epoch = BestEpoch(
+        monitor=str(trainer_cfg.monitor),
+        patience=int(early.patience) if early.enabled else None,
+        min_delta=float(early.min_delta),
+        restore_best=bool(trainer_cfg.restore_best),
+        state=resume_point.state if resume_point else None,
+        best_weights_path=checkpoint_dir / BEST_WEIGHTS,
+    )
+    # The checkpoint runs after the MLflow logger, so a checkpointed epoch always has its metrics.
+    return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch)]
 
 
 def _configure_threads(threads_cfg: DictConfig) -> None:
@@ -266,7 +382,17 @@ def _run_name(cfg: DictConfig) -> str:
         return str(cfg.tracking.run_name)
     overrides = _hydra_overrides()
     # Paths and logging settings describe where a run went, not what it tried.
-    hidden = ("tracking.", "hydra.", "dataset.root=", "dataset.source=", "trainer.verbose=")
+    hidden = (
+        "tracking.",
+        "hydra.",
+        "dataset.root=",
+        "dataset.source=",
+        "dataset.cache_dir=",
+        "dataset.split.manifest=",
+        "trainer.checkpoint_dir=",
+        "trainer.resume=",
+        "trainer.verbose=",
+    )
     shown = [item for item in overrides if not item.lstrip("+~").startswith(hidden)]
     return ",".join(shown)[:250] if shown else "defaults"
 

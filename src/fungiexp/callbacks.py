@@ -1,0 +1,140 @@
+"""Keras callbacks of a run: MLflow epoch logging, best-epoch tracking and checkpoints.
+
+The state that decides the best epoch and early stopping is kept in plain
+attributes and written with every checkpoint, so a resumed run continues
+the same selection instead of starting it over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import keras
+import mlflow
+
+from fungiexp.tracking import metric_name
+
+log = logging.getLogger(__name__)
+
+LAST_MODEL = "last.keras"
+BEST_WEIGHTS = "best.weights.h5"
+STATE_FILE = "state.json"
+
+
+def keras_to_mlflow_name(key: str) -> str:
+    """Map a Keras log key to an MLflow metric name with its split: ``val_loss`` -> ``val/loss``."""
+    if key.startswith("val_"):
+        return metric_name(f"val/{key[len('val_'):]}")
+    return metric_name(f"train/{key}")
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Log Keras epoch metrics to the active MLflow run, with the 1-based epoch as step."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {keras_to_mlflow_name(key): float(value) for key, value in (logs or {}).items()}
+        mlflow.log_metrics(metrics, step=epoch + 1)
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Track the best epoch by a validation metric, stop early, and restore its weights at the end.
+
+    Args:
+        monitor: Keras log key, ``val_loss`` (lower is better) or ``val_accuracy``.
+        patience: Epochs without improvement before stopping; None never stops.
+        min_delta: Smallest change that counts as an improvement.
+        restore_best: Set the best epoch's weights when training ends.
+        state: State saved by ``get_state`` of an interrupted run, to resume from.
+        best_weights_path: File holding the best epoch's weights, read when resuming.
+    """
+
+    def __init__(self, monitor, patience, min_delta, restore_best, state=None, best_weights_path=None):
+        super().__init__()
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = abs(min_delta)
+        self.restore_best = restore_best
+        self.sign = 1.0 if "loss" in monitor else -1.0
+        self.best = (state or {}).get("best", math.inf)
+        self.best_epoch = (state or {}).get("best_epoch", 0)
+        self.wait = (state or {}).get("wait", 0)
+        self.best_weights_path = best_weights_path
+        self.best_weights = None
+        self.improved = False
+
+    def on_train_begin(self, logs=None):
+        if self.best_epoch and self.best_weights_path and Path(self.best_weights_path).is_file():
+            current = self.model.get_weights()
+            self.model.load_weights(self.best_weights_path)
+            self.best_weights = self.model.get_weights()
+            self.model.set_weights(current)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        self.improved = False
+        if value is None:
+            log.warning("trainer.monitor=%s is not in the epoch logs; the best epoch is not tracked", self.monitor)
+            return
+        score = self.sign * float(value)
+        if score < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait, self.improved = score, epoch + 1, 0, True
+            if self.restore_best:
+                self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.patience is not None and self.wait >= self.patience:
+            log.info("Early stopping after epoch %d: %s has not improved for %d epochs", epoch + 1, self.monitor, self.wait)
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+            log.info("Restored the weights of epoch %d, the best by %s", self.best_epoch, self.monitor)
+
+    def get_state(self) -> dict:
+        """Return the selection state to write with a checkpoint."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Write the model, the best weights and the selection state after every epoch.
+
+    Every file is written under a temporary name and renamed into place, so a
+    kill during a write leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, directory: Path, best_epoch: BestEpoch):
+        super().__init__()
+        self.directory = Path(directory)
+        self.best_epoch = best_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.directory / LAST_MODEL, self.model.save)
+        if self.best_epoch.improved:
+            atomic_save(self.directory / BEST_WEIGHTS, self.model.save_weights)
+        state = {"epoch": epoch + 1, **self.best_epoch.get_state()}
+        atomic_save(self.directory / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state)))
+
+
+def atomic_save(path: Path, write) -> None:
+    """Call ``write(temporary_path)`` and rename the result to ``path``.
+
+    The temporary name keeps the file's suffixes, which Keras uses to pick
+    the format.
+    """
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(str(temporary))
+    os.replace(temporary, path)
+
+
+def read_state(directory: Path) -> dict | None:
+    """Return the checkpoint state in ``directory``, or None if there is none."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,168 @@
+"""Runs that fail safely: interruption, resume, checkpoints and tracking-store limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import compose_config, write_synthetic_dataset
+from fungiexp.callbacks import LAST_MODEL, atomic_save
+from fungiexp.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slower_root(tmp_path_factory):
+    """Enough images at 64x64 that an epoch takes a second or more, so a signal lands between epochs."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("slower") / "data", source_images=24, patches=4, size=64)
+
+
+def wait_for_epoch(state_glob: str, base: Path, epoch: int, process, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in base.glob(state_glob):
+            if json.loads(path.read_text())["epoch"] >= epoch:
+                return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
+
+
+def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
+    overrides = [
+        f"dataset.root={slower_root}",
+        "dataset.expected_images=null",
+        "dataset.image_size=[64,64]",
+        "augmentation=none",
+        "trainer.epochs=5",
+        "trainer.batch_size=8",
+        "trainer.early_stopping.enabled=false",
+        "trainer.verbose=0",
+        f"trainer.checkpoint_dir={tmp_path}/checkpoints",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
+        f"tracking.artifact_root={tmp_path}/mlruns/artifacts",
+        "tracking.experiment=resume",
+        f"hydra.run.dir={tmp_path}/hydra",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fungiexp", "train", *overrides],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_epoch("checkpoints/*/state.json", tmp_path, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "KILLED", stderr[-3000:]
+    checkpoint = Path(run.data.tags["fungiexp.checkpoint_dir"])
+    completed = json.loads((checkpoint / "state.json").read_text())["epoch"]
+    assert 2 <= completed < 5
+    assert (checkpoint / LAST_MODEL).is_file()
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == completed
+
+    cfg = compose_config([item for item in overrides if not item.startswith("hydra.")] + ["trainer.resume=last"])
+    result = train(cfg)
+    assert result["run_id"] == run.info.run_id
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+
+
+def test_resume_of_finished_run_raises(make_config):
+    result = train(make_config())
+    with pytest.raises(ValueError, match=rf"trainer.resume: run {result['run_id']} already finished"):
+        train(make_config(f"trainer.resume={result['run_id']}"))
+
+
+def test_exception_in_training_exits_nonzero(synthetic_root, tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, keras\n"
+            "def broken(*a, **k):\n    raise RuntimeError('simulated failure')\n"
+            "keras.Model.fit = broken\n"
+            "from fungiexp.cli import main\nsys.exit(main())",
+            "train",
+            f"dataset.root={synthetic_root}",
+            "dataset.expected_images=null",
+            "dataset.image_size=[32,32]",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/artifacts",
+            f"trainer.checkpoint_dir={tmp_path}/checkpoints",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode != 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("defungi").experiment_id])
+    assert run.info.status == "FAILED"
+    artifacts = {info.path for info in client.list_artifacts(run.info.run_id, "logs")}
+    assert "logs/traceback.txt" in artifacts
+
+
+def test_long_values_and_many_keys_are_logged(make_config, tmp_path):
+    long_name = "x" * 10_000
+    extra_classes = [f"+dataset.class_info.X{index}={{folder:F{index},species:none}}" for index in range(300)]
+    result = train(make_config(f"dataset.name={long_name}", *extra_classes, "tracking.log_model=false"))
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(run.data.params) > 600
+    assert run.data.params["dataset.name"].endswith("...[truncated]")
+    config = Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml", str(tmp_path))).read_text()
+    assert long_name in config
+    assert "X299" in config
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / LAST_MODEL
+    atomic_save(path, model.save)
+    before = model.get_weights()
+
+    def crash_midway(temporary):
+        Path(temporary).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(path, crash_midway)
+    reloaded = keras.saving.load_model(path)
+    for expected, actual in zip(before, reloaded.get_weights()):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_artifact_failure_ends_run_failed(make_config, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mlflow.log_figure", disk_full)
+    cfg = make_config("trainer.epochs=2")
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.tracking.artifact_root).parent}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
+    assert "test/accuracy" in run.data.metrics
