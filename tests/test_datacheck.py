@@ -74,6 +74,14 @@ def test_check_flags_name_without_class_code(bad_root):
     assert "GMA/H1_40a_1.jpg" in paths_of(report, "name_mismatch")
 
 
+def test_copy_renamed_to_other_class_is_conflict(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "ok", source_images=2, patches=1, size=8)
+    shutil.copy(root / "GMA" / "H3_1a_1.jpg", root / "GMA" / "H1_996a_1.jpg")
+    report = check(root)
+    assert paths_of(report, "label_conflict") == ["GMA/H1_996a_1.jpg", "GMA/H3_1a_1.jpg"]
+    assert "GMA/H1_996a_1.jpg" in paths_of(report, "name_mismatch")
+
+
 def test_check_counts_sources_and_samples(tmp_path):
     root = write_synthetic_dataset(tmp_path / "ok", source_images=4, patches=2, size=8)
     report = check(root)

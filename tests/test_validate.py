@@ -12,8 +12,9 @@ from fungiexp.errors import ConfigError
 from fungiexp.validate import validate_config
 
 INVALID = [
-    (["+trainer.epoch=3"], r"trainer.epoch: Key 'epoch' not in 'TrainerSchema'"),
-    (["trainer.epochs=abc"], r"trainer.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["+trainer.epoch=3"], r"trainer.epoch: unknown key. Did you mean trainer.epochs\?"),
+    (["trainer.epochs=abc"], r"trainer.epochs: invalid value 'abc'.*could not be converted to Integer"),
+    (["dataset.image_size=128"], r"dataset.image_size: invalid value 128: expected a list, for example \[128, 128\]"),
     (["trainer.epochs=0"], r"trainer.epochs: must be a positive integer; got 0"),
     (["trainer.batch_size=-8"], r"trainer.batch_size: must be a positive integer; got -8"),
     (["optimizer.lr=0"], r"optimizer.lr: must be positive; got 0\b"),

@@ -10,6 +10,8 @@ usage: fungiexp COMMAND [ARGS...]
 
 Commands:
   data     Fetch the data set (`data fetch`) or check it for bad files (`data check`).
+  reproduce
+           Rerun experiments/NAME.yaml or a logged run id and compare its metrics.
   train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
            ARGS are Hydra overrides and flags, for example:
              fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
@@ -49,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
 
-    print(f"fungiexp: unknown command {command!r}; valid commands: data, train.\n", file=sys.stderr)
+    if command == "reproduce":
+        from fungiexp.reproduce import reproduce_main
+
+        return reproduce_main(rest)
+
+    print(f"fungiexp: unknown command {command!r}; valid commands: data, reproduce, train.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2

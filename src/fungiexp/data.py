@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ class PreparedData:
     def codes(self) -> list[str]:
         """Class codes in label order."""
         return [info.code for info in self.infos]
+
+    def content_fingerprint(self) -> str:
+        """Return a sha256 over the path and content hash of every image in the split.
+
+        Unlike the manifest's hash, it changes when the bytes of any image change.
+        """
+        digest = hashlib.sha256()
+        for name in SPLITS:
+            for record in self.splits[name]:
+                digest.update(f"{name}\t{record.path}\t{self.report.file_hashes.get(record.path, '')}\n".encode())
+        return digest.hexdigest()
 
     def skipped_csv(self) -> str:
         """Return the skipped files as CSV text: path, kind, detail."""
@@ -81,6 +93,14 @@ def prepare_data(dataset_cfg: DictConfig) -> PreparedData:
             )
         per_class = ", ".join(f"{code}={count}" for code, count in counts[name].items())
         log.info("%s split: %d images (%s)", name, len(splits[name]), per_class)
+        absent = [code for code, count in counts[name].items() if count == 0]
+        if absent:
+            log.warning(
+                "The %s split has no images of class %s, so its scores for that class are undefined; "
+                "use more images (dataset.limit_per_class) or group_by=source_image",
+                name,
+                ", ".join(absent),
+            )
     return PreparedData(root, infos, splits, counts, manifest_csv(splits, codes), report, skipped)
 
 

@@ -65,6 +65,8 @@ class ScanReport:
     problems: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
     # Sets of byte-identical image paths within one class; splits keep each set on one side.
     duplicate_sets: list[list[str]] = field(default_factory=list)
+    # sha256 of each usable image, by path relative to the class root.
+    file_hashes: dict[str, str] = field(default_factory=dict)
 
     def add(self, kind: str, path: str, detail: str = "") -> None:
         """Record one problem of ``kind`` on ``path``."""
@@ -111,14 +113,17 @@ def scan_dataset(dataset_cfg: DictConfig, root: Path, cache_dir: Path | None = N
     label_re = re.compile(str(dataset_cfg.label_pattern))
     group_re = re.compile(str(dataset_cfg.split.group_pattern))
     hashes: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    configured = {info.code for info in infos}
+    for info in infos:
+        report.classes.setdefault(info.code, ClassStats())
     for info in infos:
         folder = class_root / info.folder
-        stats = ClassStats()
-        report.classes[info.code] = stats
+        stats = report.classes[info.code]
         if not folder.is_dir():
             report.add("missing_class_folder", info.folder, f"class {info.code}")
             continue
         sources, samples = set(), set()
+        usable = 0
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
                 continue
@@ -136,17 +141,21 @@ def scan_dataset(dataset_cfg: DictConfig, root: Path, cache_dir: Path | None = N
             if result["mode"] != "RGB":
                 report.add("mode_conversion", relative, result["mode"])
             label_match = label_re.match(path.name)
-            if not label_match or label_match.group(1) != info.code:
-                found = label_match.group(1) if label_match else "none"
-                report.add("name_mismatch", relative, f"folder class {info.code}, name code {found}")
-            hashes[result["sha256"]].append((relative, info.code))
-            stats.images += 1
+            name_code = label_match.group(1) if label_match else None
+            if name_code != info.code:
+                report.add("name_mismatch", relative, f"folder class {info.code}, name code {name_code or 'none'}")
+            # Training labels a file by the class code in its name when that class is configured.
+            code = name_code if name_code in configured else info.code
+            hashes[result["sha256"]].append((relative, code))
+            report.file_hashes[relative] = result["sha256"]
+            report.classes.setdefault(code, ClassStats()).images += 1
+            usable += 1
             group_match = group_re.match(path.stem)
             if group_match:
                 sources.add(group_match.groupdict().get("source_image") or path.stem)
                 samples.add(group_match.groupdict().get("sample") or path.stem)
         stats.source_images, stats.samples = len(sources), len(samples)
-        if stats.images == 0:
+        if usable == 0:
             report.add("empty_class_folder", info.folder, f"class {info.code}")
 
     for copies in hashes.values():
@@ -201,8 +210,11 @@ def apply_bad_image_policy(report: ScanReport, policy: str) -> set[str]:
     return skipped
 
 
-def format_report(report: ScanReport) -> str:
-    """Format a scan as text: a table of classes, then problems grouped by kind."""
+def format_report(report: ScanReport, limit: int | None = 10) -> str:
+    """Format a scan as text: a table of classes, then problems grouped by kind.
+
+    ``limit`` caps the files listed per kind; None lists all of them.
+    """
     lines = [f"Data folder: {report.class_root}", "", f"  {'class':<6} {'images':>7} {'source images':>14} {'samples':>8}"]
     for code, stats in report.classes.items():
         lines.append(f"  {code:<6} {stats.images:>7} {stats.source_images:>14} {stats.samples:>8}")
@@ -220,9 +232,10 @@ def format_report(report: ScanReport) -> str:
             continue
         severity = "error" if PROBLEM_KINDS[kind][0] else "note"
         lines.append(f"  [{severity}] {PROBLEM_KINDS[kind][1]}: {len(items)}")
-        lines.extend(f"      {path}{f' ({detail})' if detail else ''}" for path, detail in items[:10])
-        if len(items) > 10:
-            lines.append(f"      ... and {len(items) - 10} more")
+        shown = items if limit is None else items[:limit]
+        lines.extend(f"      {path}{f' ({detail})' if detail else ''}" for path, detail in shown)
+        if len(items) > len(shown):
+            lines.append(f"      ... and {len(items) - len(shown)} more (`fungiexp data check --all` lists them)")
     return "\n".join(lines)
 
 

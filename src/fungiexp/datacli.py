@@ -19,8 +19,9 @@ usage: fungiexp data {fetch,check} [OVERRIDES...]
   fetch   Download or copy dataset.source and extract it into dataset.root.
           Does nothing when dataset.root already exists.
   check   Scan dataset.root and report images, source images and samples per
-          class, then every problem found, grouped by kind. Exits with status 1
-          when a problem would stop `fungiexp train` under dataset.on_bad_image=error.
+          class, then every problem found, grouped by kind (ten files per kind;
+          --all lists every file). Exits with status 1 when a problem would stop
+          `fungiexp train` under dataset.on_bad_image=error.
 
 OVERRIDES are the same Hydra overrides as for `fungiexp train`, for example:
   fungiexp data fetch dataset.source=../shared/data/defungi.zip
@@ -33,7 +34,8 @@ def data_main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0
-    subcommand, overrides = args[0], args[1:]
+    subcommand, overrides = args[0], [arg for arg in args[1:] if arg != "--all"]
+    show_all = "--all" in args[1:]
     if subcommand not in ("fetch", "check"):
         print(f"fungiexp data: unknown subcommand {subcommand!r}; valid subcommands: fetch, check.\n", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
@@ -44,7 +46,7 @@ def data_main(args: list[str]) -> int:
         cfg = compose_config(overrides)
         if subcommand == "fetch":
             return _fetch(cfg)
-        return _check(cfg)
+        return _check(cfg, show_all)
     except (FungiexpError, HydraException) as error:
         print(f"fungiexp data {subcommand}: error: {error}", file=sys.stderr)
         return 1
@@ -75,7 +77,7 @@ def _fetch(cfg: DictConfig) -> int:
     return 0
 
 
-def _check(cfg: DictConfig) -> int:
+def _check(cfg: DictConfig, show_all: bool) -> int:
     from pathlib import Path
 
     from fungiexp.datacheck import format_report, scan_dataset
@@ -90,7 +92,7 @@ def _check(cfg: DictConfig) -> int:
         return 1
     cache_dir = Path(str(cfg.dataset.cache_dir)) if cfg.dataset.get("cache_dir") else None
     report = scan_dataset(cfg.dataset, root, cache_dir)
-    print(format_report(report))
+    print(format_report(report, limit=None if show_all else 10))
     return 1 if report.blocking else 0
 
 

@@ -118,6 +118,12 @@ def _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessi
         raise
     log.info("VGG16 weights: %s", "random initialisation" if weights is None else weights)
     _apply_fine_tune(base, fine_tune_cfg, "vgg16")
+    if weights is None and (fine_tune_cfg.frozen or fine_tune_cfg.trainable_from):
+        log.warning(
+            "model.weights=null with fine_tune=%s freezes randomly initialised VGG16 layers, which then "
+            "never learn; use fine_tune=all to train from scratch, or pretrained weights",
+            fine_tune_cfg.name,
+        )
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = Preprocessing(preprocessing, name="preprocessing")(inputs)

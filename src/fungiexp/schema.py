@@ -121,6 +121,7 @@ class TrainerSchema:
     epochs: int = 15
     batch_size: int = 32
     seed: int = 42
+    deterministic: bool = False
     class_weight: str = "balanced"
     monitor: str = "val_loss"
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
@@ -142,6 +143,17 @@ class TrackingSchema:
 
 
 @dataclass
+class ReportedSchema:
+    source: str = ""
+    tolerance: float = 0.02
+    tolerances: Dict[str, float] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+    maximum: Dict[str, float] = field(default_factory=dict)
+    requires: List[str] = field(default_factory=list)
+    notes: str = ""
+
+
+@dataclass
 class RunSchema:
     dataset: DatasetSchema = field(default_factory=DatasetSchema)
     augmentation: AugmentationSchema = field(default_factory=AugmentationSchema)
@@ -150,3 +162,5 @@ class RunSchema:
     fine_tune: FineTuneSchema = field(default_factory=FineTuneSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    # Set by experiment files: the numbers a run should reproduce.
+    reported: Optional[ReportedSchema] = None

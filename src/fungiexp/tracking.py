@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def provenance_tags() -> dict[str, str]:
     tags = {
         "fungiexp.python": platform.python_version(),
         "fungiexp.platform": platform.platform(),
-        "fungiexp.command": " ".join(["fungiexp", *sys.argv[1:]]) if sys.argv else "",
+        "fungiexp.machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "fungiexp.command": command_line(),
     }
     for package in VERSIONED_PACKAGES:
         try:
@@ -116,6 +118,15 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+def command_line() -> str:
+    """Return the command that started this process, as a user would type it."""
+    if not sys.argv:
+        return ""
+    # `fungiexp train` hands Hydra an argv whose first item is "fungiexp train".
+    program = sys.argv[0] if sys.argv[0].startswith("fungiexp") else "fungiexp"
+    return " ".join([program, *sys.argv[1:]])
+
+
 def git_state() -> tuple[str | None, bool]:
     """Return the HEAD commit of the source checkout and whether it has uncommitted changes."""
     source_dir = Path(__file__).resolve().parent
@@ -124,7 +135,7 @@ def git_state() -> tuple[str | None, bool]:
             ["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain"],
             cwd=source_dir,
             capture_output=True,
             text=True,
@@ -137,5 +148,11 @@ def git_state() -> tuple[str | None, bool]:
 
 
 def ui_command(uri: str) -> str:
-    """Return the shell command that opens the MLflow UI on ``uri``, bound to 127.0.0.1."""
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    """Return the shell command that opens the MLflow UI on ``uri``, bound to 127.0.0.1.
+
+    The command names the ``mlflow`` program of this Python environment, so it
+    works without activating a virtual environment.
+    """
+    program = Path(sys.executable).parent / "mlflow"
+    executable = str(program) if program.is_file() else "mlflow"
+    return f"{executable} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

@@ -38,12 +38,12 @@ OPTIMIZERS = ("adam", "sgd")
 CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     """Run one experiment from a composed config and log it to MLflow.
 
     With ``trainer.resume`` set to a run id (or ``last``), the interrupted run
     continues from its last checkpoint with its own logged config and split,
-    logging into the same MLflow run.
+    logging into the same MLflow run. ``tags`` are set on the MLflow run.
 
     Returns:
         A dict with ``test`` (the metrics of ``evaluate.evaluate_predictions``),
@@ -63,6 +63,11 @@ def train(cfg: DictConfig) -> dict:
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(int(cfg.trainer.seed))
+    if cfg.trainer.deterministic:
+        # Also runs stateful tf.data maps (augmentation) one batch at a time, in order.
+        # TensorFlow 2.21 has no public call to turn it off again within a process.
+        tf.config.experimental.enable_op_determinism()
+        log.info("trainer.deterministic=true: TensorFlow op determinism is on")
 
     log.info("Preparing data from %s", cfg.dataset.root)
     data = prepare_data(cfg.dataset)
@@ -91,6 +96,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint_dir = (Path(str(cfg.trainer.checkpoint_dir)) / run.info.run_id).resolve()
     try:
         with _sigterm_as_interrupt():
+            mlflow.set_tags(tags or {})
             result = _tracked_run(cfg, model, data, datasets, checkpoint_dir, resume_point)
     except KeyboardInterrupt:
         # A second Ctrl-C during the clean-up below stops the process at once.
@@ -282,10 +288,12 @@ def _log_run_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData) -> 
     tracking.log_params(params)
     tags = tracking.provenance_tags()
     tags["fungiexp.data.split_sha256"] = fingerprint(data.manifest)
+    tags["fungiexp.data.content_sha256"] = data.content_fingerprint()
+    tags["fungiexp.devices"] = ", ".join(device.name for device in tf.config.list_physical_devices()) or "none"
     mlflow.set_tags(tags)
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
     mlflow.log_text(data.manifest, "data/split.csv")
-    mlflow.log_text(format_report(data.report), "data/check.txt")
+    mlflow.log_text(format_report(data.report, limit=None), "data/check.txt")
     mlflow.log_metric("data/skipped_images", len(data.skipped))
     if data.skipped:
         mlflow.log_text(data.skipped_csv(), "data/skipped.csv")

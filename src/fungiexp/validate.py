@@ -7,13 +7,14 @@ dotted key, the value received and the valid choices or range.
 
 from __future__ import annotations
 
+import difflib
 import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fungiexp.errors import ConfigError
 from fungiexp.schema import RunSchema
@@ -52,12 +53,22 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _check_schema(cfg: DictConfig) -> None:
+    schema = OmegaConf.structured(RunSchema)
     try:
-        OmegaConf.merge(OmegaConf.structured(RunSchema), cfg)
-    except OmegaConfBaseException as error:
-        first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
+        OmegaConf.merge(schema, cfg)
+    except ConfigKeyError as error:
         key = error.full_key or "config"
-        raise ConfigError(key, f"{first_line}. Check the spelling against `fungiexp train --cfg job`.") from None
+        parent, _, name = key.rpartition(".")
+        known = list(OmegaConf.select(schema, parent).keys()) if parent else list(schema.keys())
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"Did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"Valid keys: {', '.join(known)}."
+        raise ConfigError(key, f"unknown key. {hint}") from None
+    except OmegaConfBaseException as error:
+        key = error.full_key or "config"
+        value = OmegaConf.select(cfg, key, default=None) if error.full_key else None
+        expected = "a list, for example [128, 128]" if "ListConfig" in str(error.msg) else "another type"
+        first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
+        raise ConfigError(key, f"invalid value {value!r}: expected {expected} ({first_line}).") from None
 
 
 def choice(key: str, value, allowed) -> None:

@@ -1,0 +1,223 @@
+"""`fungiexp reproduce`: rerun a reported experiment or a logged run and compare the numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fungiexp.errors import ConfigError, FungiexpError
+
+log = logging.getLogger(__name__)
+
+# Where Keras caches the VGG16 ImageNet weights without the top (keras.applications, Keras 3).
+IMAGENET_NOTOP = Path("~/.keras/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").expanduser()
+REQUIREMENTS = {
+    "imagenet_weights": (
+        lambda: IMAGENET_NOTOP.is_file(),
+        f"VGG16 ImageNet weights are not cached at {IMAGENET_NOTOP} and may not be downloadable here",
+    ),
+}
+
+DESCRIPTION = """\
+Rerun a reported experiment or a logged MLflow run and compare its metrics.
+
+  fungiexp reproduce experiments/NAME.yaml [OVERRIDES...]
+      Runs `fungiexp train +experiment=NAME` and compares the test metrics with
+      the file's `reported` block. Exits with status 1 when a metric is outside
+      its tolerance.
+  fungiexp reproduce RUN_ID [OVERRIDES...]
+      Reruns a logged run from its logged config and split, tags the new run
+      with the original's id, and compares every test metric.
+"""
+
+
+def reproduce_main(args: list[str]) -> int:
+    """Run `fungiexp reproduce` and return the exit status."""
+    parser = argparse.ArgumentParser(prog="fungiexp reproduce", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", help="experiments/NAME.yaml or an MLflow run id")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, for example model.weights=null")
+    parser.add_argument(
+        "--accept-differences",
+        action="store_true",
+        help="run even when the experiment needs something this machine lacks (its numbers will differ)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest accepted absolute difference per metric (default: the experiment's, or 0 for a run id)",
+    )
+    options = parser.parse_args(args)
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        if options.target.endswith((".yaml", ".yml")):
+            return reproduce_experiment(Path(options.target), options.overrides, options.accept_differences, options.tolerance)
+        return reproduce_run(options.target, options.overrides, 0.0 if options.tolerance is None else options.tolerance)
+    except FungiexpError as error:
+        print(f"fungiexp reproduce: error: {error}", file=sys.stderr)
+        return 1
+
+
+def reproduce_experiment(path: Path, overrides: list[str], accept_differences: bool, tolerance: float | None) -> int:
+    """Run an experiment file and compare its test metrics with its ``reported`` block."""
+    from fungiexp.app import config_dir
+    from fungiexp.datacli import compose_config
+
+    experiments = (config_dir() / "experiment").resolve()
+    if not path.is_file():
+        raise ConfigError("experiment", f"file {path} not found; experiment files live in {experiments}.")
+    if path.resolve().parent != experiments:
+        raise ConfigError("experiment", f"{path} is not in {experiments}; copy it there to run it.")
+    cfg = compose_config([f"+experiment={path.stem}", *overrides])
+    if not cfg.get("reported") or not (cfg.reported.metrics or cfg.reported.maximum):
+        raise ConfigError("reported", f"{path} has no reported metrics to compare with.")
+
+    missing = [name for name in cfg.reported.get("requires", []) if not REQUIREMENTS.get(name, (lambda: False, name))[0]()]
+    if missing:
+        reasons = "; ".join(REQUIREMENTS.get(name, (None, f"unknown requirement {name!r}"))[1] for name in missing)
+        if not accept_differences:
+            raise ConfigError(
+                "reported.requires",
+                f"{path.name} needs what this machine lacks: {reasons}. Provide it, or rerun with "
+                "--accept-differences (and, for ImageNet weights, model.weights=null) knowing the numbers will differ.",
+            )
+        log.warning("Running without %s; the numbers will differ from the reported ones", ", ".join(missing))
+
+    from fungiexp.train import train
+
+    result = train(cfg, tags={"fungiexp.reproduce.experiment": path.stem})
+    limit = float(cfg.reported.get("tolerance", 0.0)) if tolerance is None else tolerance
+    rows = compare_metrics(cfg.reported, _run_metrics(result), limit)
+    return _report(rows, result, f"{path.name} ({cfg.reported.get('source', 'source not given')})")
+
+
+def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
+    """Rerun a logged run from its logged config and split, and compare every test metric."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from fungiexp import tracking
+    from fungiexp.data import prepare_data
+    from fungiexp.datacli import compose_config
+    from fungiexp.validate import validate_config
+
+    current = compose_config(overrides)
+    tracking.setup_tracking(current.tracking)
+    client = MlflowClient()
+    try:
+        original = client.get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError("run id", f"run {run_id!r} not found in {mlflow.get_tracking_uri()}.") from error
+
+    folder = Path(str(current.dataset.cache_dir or ".cache/fungiexp")) / "reproduce" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", str(folder)))
+    manifest = client.download_artifacts(run_id, "data/split.csv", str(folder))
+    cfg.tracking = current.tracking
+    cfg.dataset.split.manifest = str(Path(manifest).resolve())
+    cfg.trainer.resume = None
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item for item in overrides if not item.startswith("tracking.")]))
+    validate_config(cfg)
+
+    data = prepare_data(cfg.dataset)
+    differences = describe_differences(original.data.tags, tracking.provenance_tags(), data.content_fingerprint())
+    print(f"Reproducing run {run_id}. What differs from the original run:")
+    print("\n".join(f"  {line}" for line in differences) if differences else "  nothing that fungiexp records")
+    if original.data.params.get("trainer.deterministic") != "True":
+        print("  the original run had trainer.deterministic=false, so exact equality is not expected")
+
+    from fungiexp.train import train
+
+    result = train(cfg, tags={"fungiexp.reproduces": run_id})
+    reported = {
+        "metrics": {name: value for name, value in original.data.metrics.items() if name.startswith("test/")},
+        "maximum": {},
+        "tolerances": {},
+    }
+    rows = compare_metrics(OmegaConf.create(reported), _run_metrics(result), tolerance)
+    return _report(rows, result, f"run {run_id}")
+
+
+def describe_differences(original_tags: dict, current_tags: dict, content_fingerprint: str) -> list[str]:
+    """List what differs between the original run's provenance tags and now."""
+    lines = []
+    for key, label in (("fungiexp.git.commit", "git commit"), ("fungiexp.git.dirty", "uncommitted changes")):
+        if original_tags.get(key) != current_tags.get(key):
+            lines.append(f"{label}: {original_tags.get(key)} then, {current_tags.get(key)} now")
+    for key in sorted(current_tags):
+        if key.startswith("fungiexp.version.") and original_tags.get(key) != current_tags[key]:
+            lines.append(f"{key[len('fungiexp.version.'):]}: {original_tags.get(key)} then, {current_tags[key]} now")
+    for key, label in (("fungiexp.machine", "machine"), ("fungiexp.platform", "platform")):
+        if original_tags.get(key) != current_tags.get(key):
+            lines.append(f"{label}: {original_tags.get(key)} then, {current_tags.get(key)} now")
+    logged = original_tags.get("fungiexp.data.content_sha256")
+    if logged != content_fingerprint:
+        lines.append(f"data fingerprint (image contents): {logged} then, {content_fingerprint} now")
+    return lines
+
+
+def compare_metrics(reported: DictConfig, reproduced: dict[str, float], tolerance: float) -> list[dict]:
+    """Compare reproduced metrics with reported values and upper bounds.
+
+    Returns:
+        One row per metric: ``metric``, ``reported`` (text), ``reproduced``,
+        ``difference`` and ``passed``. A metric missing from ``reproduced``
+        fails.
+    """
+    rows = []
+    tolerances = dict(reported.get("tolerances") or {})
+    for name, value in (reported.get("metrics") or {}).items():
+        got = reproduced.get(name, math.nan)
+        limit = float(tolerances.get(name, tolerance))
+        difference = got - float(value)
+        rows.append(
+            {"metric": name, "reported": f"{float(value):.4f}", "reproduced": got, "difference": difference, "passed": abs(difference) <= limit + 1e-12}
+        )
+    for name, bound in (reported.get("maximum") or {}).items():
+        got = reproduced.get(name, math.nan)
+        rows.append(
+            {"metric": name, "reported": f"<= {float(bound):.4f}", "reproduced": got, "difference": got - float(bound), "passed": got <= float(bound)}
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Format comparison rows as a fixed-width text table."""
+    width = max([len("metric")] + [len(row["metric"]) for row in rows])
+    lines = [f"{'metric':<{width}}  {'reported':>10}  {'reproduced':>10}  {'difference':>10}  within tolerance"]
+    for row in rows:
+        lines.append(
+            f"{row['metric']:<{width}}  {row['reported']:>10}  {row['reproduced']:>10.4f}  {row['difference']:>+10.4f}  "
+            f"{'yes' if row['passed'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def _run_metrics(result: dict) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"]).data.metrics)
+
+
+def _report(rows: list[dict], result: dict, against: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    table = format_table(rows)
+    passed = all(row["passed"] for row in rows)
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    client.log_text(result["run_id"], table + "\n", "reproduce/comparison.txt")
+    client.log_text(result["run_id"], json.dumps(rows, indent=2), "reproduce/comparison.json")
+    client.set_tag(result["run_id"], "fungiexp.reproduce.passed", str(passed).lower())
+    print(f"\nComparison with {against}, MLflow run {result['run_id']}:")
+    print(table)
+    failed = [row["metric"] for row in rows if not row["passed"]]
+    print("All metrics within tolerance." if passed else f"Outside tolerance: {', '.join(failed)}")
+    return 0 if passed else 1

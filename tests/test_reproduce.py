@@ -1,0 +1,133 @@
+"""Deterministic runs and `fungiexp reproduce`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF_DIR, DEFUNGI_ZIP, compose_config
+from fungiexp.reproduce import compare_metrics, format_table, reproduce_main
+from fungiexp.train import train
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def losses(result):
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    return [point.value for point in client.get_metric_history(result["run_id"], "train/loss")]
+
+
+def test_deterministic_runs_are_identical(make_config):
+    first = train(make_config("trainer.deterministic=true", "trainer.epochs=2", "augmentation=strong"))
+    second = train(make_config("trainer.deterministic=true", "trainer.epochs=2", "augmentation=strong"))
+    other_seed = train(make_config("trainer.deterministic=true", "trainer.epochs=2", "augmentation=strong", "trainer.seed=7"))
+    assert losses(first) == losses(second)
+    assert first["test"]["macro_f1"] == second["test"]["macro_f1"]
+    assert first["test"]["confusion"].tolist() == second["test"]["confusion"].tolist()
+    assert losses(first) != losses(other_seed)
+
+
+def test_reproduce_run_matches_and_links(make_config, quick_overrides, capsys):
+    original = train(make_config("trainer.deterministic=true"))
+    status = reproduce_main([original["run_id"], *quick_overrides])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "All metrics within tolerance." in output
+    assert "data fingerprint" not in output
+    client = MlflowClient(tracking_uri=original["tracking_uri"])
+    (linked,) = client.search_runs(
+        [original["experiment_id"]], filter_string=f"tags.`fungiexp.reproduces` = '{original['run_id']}'"
+    )
+    assert linked.data.metrics["test/macro_f1"] == client.get_run(original["run_id"]).data.metrics["test/macro_f1"]
+
+
+def test_reproduce_run_reports_changed_data(synthetic_root, make_config, quick_overrides, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    original = train(make_config(f"dataset.root={root}", "trainer.deterministic=true"))
+    changed = root / "TSH" / "H1_1a_1.jpg"
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    store_only = [item for item in quick_overrides if item.startswith(("tracking.", "trainer.checkpoint_dir"))]
+    reproduce_main([original["run_id"], *store_only])
+    output = capsys.readouterr().out
+    before_training = output.split("Comparison with")[0]
+    assert "data fingerprint (image contents):" in before_training
+
+
+def test_doctored_experiment_fails(synthetic_root, tmp_path, quick_overrides, monkeypatch, capsys):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, symlinks=False)
+    (conf / "experiment" / "doctored.yaml").write_text(
+        "# @package _global_\n"
+        "reported:\n"
+        "  source: a doctored value\n"
+        "  tolerance: 0.01\n"
+        "  metrics:\n"
+        "    test/accuracy: 1.5\n"
+        "  maximum:\n"
+        "    test/H1/f1: 1.0\n"
+    )
+    monkeypatch.setenv("FUNGIEXP_CONFIG_DIR", str(conf))
+    status = reproduce_main([str(conf / "experiment" / "doctored.yaml"), *quick_overrides])
+    output = capsys.readouterr().out
+    assert status == 1
+    assert "Outside tolerance: test/accuracy" in output
+    row = next(line for line in output.splitlines() if line.startswith("test/accuracy"))
+    assert row.rstrip().endswith("NO")
+
+
+def test_experiment_needing_imagenet_stops(quick_overrides, capsys):
+    status = reproduce_main(["experiments/notebook_vgg16_block5.yaml", *quick_overrides])
+    assert status == 1
+    assert "needs what this machine lacks: VGG16 ImageNet weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["notebook_vgg16_block5", "notebook_small_cnn"])
+def test_notebook_experiments_run_with_random_weights(name, quick_overrides, capsys):
+    shrink = ["dataset.image_size=[32,32]", "model.head.dense_units=8", "trainer.epochs=1"]
+    status = reproduce_main([f"experiments/{name}.yaml", *quick_overrides, *shrink, "model.weights=null", "--accept-differences"])
+    output = capsys.readouterr().out
+    assert "Comparison with" in output
+    assert status in (0, 1)
+
+
+def test_comparison_table_marks_bounds():
+    reported = compose_config(["+experiment=notebook_vgg16_block5"]).reported
+    rows = compare_metrics(reported, {"test/accuracy": 0.40, "test/H3/f1": 0.30}, 0.05)
+    table = format_table(rows)
+    assert "test/accuracy" in table
+    by_name = {row["metric"]: row for row in rows}
+    assert by_name["test/accuracy"]["passed"]
+    assert not by_name["test/H3/f1"]["passed"]
+    assert not by_name["test/H2/recall"]["passed"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    cfg = compose_config([f"+experiment={name}"])
+    assert cfg.reported is not None
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not DEFUNGI_ZIP.is_file(), reason=f"DeFungi archive not found at {DEFUNGI_ZIP}")
+def test_quick_reference_reproduces_on_real_data(tmp_path, capsys):
+    status = reproduce_main(
+        [
+            "experiments/defungi5_small_cnn_quick.yaml",
+            f"dataset.root={tmp_path}/defungi",
+            f"dataset.source={DEFUNGI_ZIP}",
+            f"dataset.cache_dir={tmp_path}/cache",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/artifacts",
+            f"trainer.checkpoint_dir={tmp_path}/checkpoints",
+            "trainer.verbose=0",
+        ]
+    )
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "All metrics within tolerance." in output
