@@ -86,3 +86,54 @@ def test_real_split_is_reproducible(defungi_root):
     first = manifest_csv(split_records(records, cfg.split), list(cfg.classes))
     second = manifest_csv(split_records(records, cfg.split), list(cfg.classes))
     assert first == second
+
+
+@pytest.mark.slow
+def test_real_data_predict_held_out_samples(defungi_root, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from fungiexp.predict import predict_main
+
+    cfg = compose_config(
+        [
+            f"dataset.root={defungi_root}",
+            "dataset.limit_per_class=40",
+            "dataset.image_size=[48,48]",
+            "trainer.epochs=2",
+            "trainer.verbose=0",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/artifacts",
+            f"trainer.checkpoint_dir={tmp_path}/checkpoints",
+        ]
+    )
+    result = train(cfg)
+    client = MlflowClient(tracking_uri=result["tracking_uri"])
+    explain = {info.path for info in client.list_artifacts(result["run_id"], "explain")}
+    assert {"explain/gradcam.png", "explain/augmentation_preview.png", "explain/error_gallery.png"} <= explain
+
+    manifest = client.download_artifacts(result["run_id"], "data/split.csv", str(tmp_path))
+    with open(manifest, newline="") as stream:
+        test_rows = [row for row in csv.DictReader(stream) if row["split"] == "test"]
+    samples = sorted({row["sample"] for row in test_rows})[:2]
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for row in test_rows:
+        if row["sample"] in samples:
+            shutil.copy(defungi_root / row["path"], held_out / row["path"].split("/")[-1])
+    (held_out / "H1_999a_1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+
+    output = tmp_path / "predictions.csv"
+    status = predict_main(
+        [result["run_id"], str(held_out), "--group-by", "sample", "--output", str(output), "--tracking-uri", result["tracking_uri"]]
+    )
+    assert status == 1
+    assert "H1_999a_1.jpg" in capsys.readouterr().err
+    with open(output, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == sum(row["sample"] in samples for row in test_rows)
+    codes = ["H1", "H2", "H3", "H5", "H6"]
+    for row in rows:
+        assert sum(float(row[f"p_{code}"]) for code in codes) == pytest.approx(1.0, abs=1e-4)
+    with open(tmp_path / "predictions_by_sample.csv", newline="") as stream:
+        assert sorted(row["sample"] for row in csv.DictReader(stream)) == samples

@@ -44,10 +44,11 @@ def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
         f"dataset.root={slower_root}",
         "dataset.expected_images=null",
         "dataset.image_size=[64,64]",
-        "augmentation=none",
         "trainer.epochs=5",
         "trainer.batch_size=8",
         "trainer.early_stopping.enabled=false",
+        "trainer.deterministic=true",
+        "augmentation=strong",
         "trainer.verbose=0",
         f"trainer.checkpoint_dir={tmp_path}/checkpoints",
         f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
@@ -83,6 +84,14 @@ def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
     assert resumed.info.status == "FINISHED"
     steps = [point.step for point in client.get_metric_history(run.info.run_id, "val/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5]
+
+    uninterrupted_cfg = compose_config(
+        [item for item in overrides if not item.startswith(("hydra.", "tracking.experiment"))] + ["tracking.experiment=whole"]
+    )
+    uninterrupted = train(uninterrupted_cfg)
+    whole = client.get_run(uninterrupted["run_id"]).data.metrics
+    for name in ("test/accuracy", "test/macro_f1", "test/H1/recall", "val/loss", "train/loss"):
+        assert resumed.data.metrics[name] == whole[name], name
 
 
 def test_resume_of_finished_run_raises(make_config):

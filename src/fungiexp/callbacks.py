@@ -100,24 +100,42 @@ class BestEpoch(keras.callbacks.Callback):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
 
 
+class EpochVariable(keras.callbacks.Callback):
+    """Set a variable to the 0-based epoch at the start of every epoch (it seeds the shuffle)."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Write the model, the best weights and the selection state after every epoch.
 
-    Every file is written under a temporary name and renamed into place, so a
-    kill during a write leaves the previous checkpoint intact.
+    The state also keeps the augmentation layers' random-generator state, so a
+    resumed run continues the same random sequence. Every file is written
+    under a temporary name and renamed into place, so a kill during a write
+    leaves the previous checkpoint intact.
     """
 
-    def __init__(self, directory: Path, best_epoch: BestEpoch):
+    def __init__(self, directory: Path, best_epoch: BestEpoch, generators=()):
         super().__init__()
         self.directory = Path(directory)
         self.best_epoch = best_epoch
+        self.generators = list(generators)
 
     def on_epoch_end(self, epoch, logs=None):
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_save(self.directory / LAST_MODEL, self.model.save)
         if self.best_epoch.improved:
             atomic_save(self.directory / BEST_WEIGHTS, self.model.save_weights)
-        state = {"epoch": epoch + 1, **self.best_epoch.get_state()}
+        state = {
+            "epoch": epoch + 1,
+            **self.best_epoch.get_state(),
+            "augmentation_rng": [keras.ops.convert_to_numpy(generator.state).tolist() for generator in self.generators],
+        }
         atomic_save(self.directory / STATE_FILE, lambda path: Path(path).write_text(json.dumps(state)))
 
 

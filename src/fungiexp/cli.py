@@ -10,6 +10,7 @@ usage: fungiexp COMMAND [ARGS...]
 
 Commands:
   data     Fetch the data set (`data fetch`) or check it for bad files (`data check`).
+  predict  Classify new images with the model of a logged run (`predict RUN_ID PATH...`).
   reproduce
            Rerun experiments/NAME.yaml or a logged run id and compare its metrics.
   train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
@@ -51,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
 
+    if command == "predict":
+        from fungiexp.predict import predict_main
+
+        return predict_main(rest)
+
     if command == "reproduce":
         from fungiexp.reproduce import reproduce_main
 
         return reproduce_main(rest)
 
-    print(f"fungiexp: unknown command {command!r}; valid commands: data, reproduce, train.\n", file=sys.stderr)
+    print(f"fungiexp: unknown command {command!r}; valid commands: data, predict, reproduce, train.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2

@@ -69,3 +69,25 @@ def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     # because balanced_accuracy_score warns when y_pred contains other classes.
     recalls = [np.mean(y_pred[y_true == label] == label) for label in np.unique(y_true)]
     return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def group_scores(records, probabilities: np.ndarray, num_classes: int, level: str) -> dict:
+    """Score predictions per group (``source_image`` or ``sample``) by the mean of patch probabilities.
+
+    A diagnosis is made per sample, not per patch, so this is the score that
+    matters at the microscope. Each group's label is its most common patch label.
+
+    Returns:
+        ``accuracy``, ``macro_f1`` and ``count`` (number of groups).
+    """
+    groups: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault(getattr(record, level), []).append(index)
+    mean_probabilities = np.stack([probabilities[indices].mean(axis=0) for indices in groups.values()])
+    labels = np.array([np.bincount([records[i].label for i in indices]).argmax() for indices in groups.values()])
+    predictions = mean_probabilities.argmax(axis=1)
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "macro_f1": float(f1_score(labels, predictions, labels=list(range(num_classes)), average="macro", zero_division=0)),
+        "count": len(groups),
+    }

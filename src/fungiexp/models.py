@@ -25,29 +25,39 @@ HEADS = ("flatten", "gap")
 VGG16_MIN_SIZE = 32
 
 
-@keras.saving.register_keras_serializable(package="fungiexp")
-class Preprocessing(keras.layers.Layer):
-    """Scale [0, 255] RGB pixels as a model's weights expect.
+# ImageNet channel means in BGR order, as keras.applications.vgg16.preprocess_input subtracts them.
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def preprocessing_layer(mode: str) -> keras.layers.Layer:
+    """Build the layer that scales [0, 255] RGB pixels as a model's weights expect.
 
     Modes:
         rescale: divide by 255, giving [0, 1].
-        vgg16: ``keras.applications.vgg16.preprocess_input``: RGB to BGR and
-            subtraction of the ImageNet channel means (no scaling).
+        vgg16: the same result as ``keras.applications.vgg16.preprocess_input``
+            (RGB to BGR, then subtraction of the ImageNet channel means).
+
+    Only built-in Keras layers are used, so a saved model loads in safe mode
+    and in MLflow without importing fungiexp. The vgg16 mode is a frozen 1x1
+    convolution whose kernel swaps the channels and whose bias subtracts the means.
     """
-
-    def __init__(self, mode: str, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in ("vgg16", "rescale"):
-            raise ValueError(f"Preprocessing mode must be 'vgg16' or 'rescale'; got {mode!r}.")
-        self.mode = mode
-
-    def call(self, inputs):
-        if self.mode == "vgg16":
-            return keras.applications.vgg16.preprocess_input(inputs)
-        return inputs / 255.0
-
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+    if mode == "rescale":
+        return keras.layers.Rescaling(1.0 / 255.0, name="preprocessing")
+    if mode != "vgg16":
+        raise ValueError(f"Preprocessing mode must be 'vgg16' or 'rescale'; got {mode!r}.")
+    swap = np.zeros((1, 1, 3, 3), dtype="float32")
+    for source, target in ((0, 2), (1, 1), (2, 0)):
+        swap[0, 0, source, target] = 1.0
+    bias = -np.array(IMAGENET_BGR_MEANS, dtype="float32")
+    return keras.layers.Conv2D(
+        3,
+        1,
+        use_bias=True,
+        trainable=False,
+        kernel_initializer=keras.initializers.Constant(swap),
+        bias_initializer=keras.initializers.Constant(bias),
+        name="preprocessing",
+    )
 
 
 def resolve_preprocessing(model_cfg: DictConfig) -> str:
@@ -126,7 +136,7 @@ def _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessi
         )
 
     inputs = keras.Input(shape=input_shape, name="image")
-    x = Preprocessing(preprocessing, name="preprocessing")(inputs)
+    x = preprocessing_layer(preprocessing)(inputs)
     # training=False keeps any normalisation layers of the backbone in inference mode.
     x = base(x, training=False)
     outputs = _head(x, model_cfg.head, model_cfg.get("activation", "relu"), num_classes)
@@ -153,7 +163,7 @@ def _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preproc
         )
 
     inputs = keras.Input(shape=input_shape, name="image")
-    x = Preprocessing(preprocessing, name="preprocessing")(inputs)
+    x = preprocessing_layer(preprocessing)(inputs)
     for block_index, filters in enumerate(blocks, start=1):
         for conv_index, count in enumerate(filters, start=1):
             x = keras.layers.Conv2D(

@@ -42,6 +42,7 @@ def make_dataset(
     training: bool,
     augmenter: keras.Sequential | None = None,
     seed: int = 0,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Build the batched dataset of (image, label) pairs for one split.
 
@@ -54,6 +55,10 @@ def make_dataset(
             test sets pass False and keep file order.
         augmenter: Keras preprocessing layers applied to training batches.
         seed: Seed of the shuffle order.
+        epoch: Variable holding the current epoch (0-based). The shuffle
+            order of a training pass depends only on ``seed`` and this value,
+            so a resumed run shuffles its remaining epochs as an
+            uninterrupted run would. None shuffles every pass anew.
 
     Returns:
         A dataset of float32 images in [0, 255] with shape (batch, h, w, 3)
@@ -66,7 +71,16 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     dataset = dataset.map(lambda path, label: (load_image(path, size), label), num_parallel_calls=AUTOTUNE)
     dataset = dataset.cache()
-    if training:
+    if training and epoch is not None:
+        cached = dataset
+        dataset = tf.data.Dataset.from_tensors(0).flat_map(
+            lambda _: cached.shuffle(
+                len(records), seed=seed * 100_003 + epoch.read_value(), reshuffle_each_iteration=False
+            )
+        )
+        # flat_map hides the size, which Keras needs to count the steps of an epoch.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(records)))
+    elif training:
         dataset = dataset.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels), num_parallel_calls=AUTOTUNE)
@@ -98,6 +112,13 @@ class RandomRot90(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+def augmentation_generators(augmenter: keras.Sequential | None) -> list[keras.random.SeedGenerator]:
+    """Return the seed generators of the augmentation layers, whose state a checkpoint keeps."""
+    if augmenter is None:
+        return []
+    return [layer.generator for layer in augmenter.layers if isinstance(getattr(layer, "generator", None), keras.random.SeedGenerator)]
 
 
 def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int) -> keras.Sequential | None:

@@ -15,7 +15,7 @@ from fungiexp.errors import ConfigError, FungiexpError
 
 log = logging.getLogger(__name__)
 
-# Where Keras caches the VGG16 ImageNet weights without the top (keras.applications, Keras 3).
+# Cache path of the VGG16 ImageNet weights without the top (keras.applications, Keras 3).
 IMAGENET_NOTOP = Path("~/.keras/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").expanduser()
 REQUIREMENTS = {
     "imagenet_weights": (

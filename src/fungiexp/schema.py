@@ -134,12 +134,22 @@ class TrainerSchema:
 
 
 @dataclass
+class FiguresSchema:
+    gradcam: bool = True
+    gradcam_per_class: int = 4
+    augmentation_preview: bool = True
+    error_gallery: bool = True
+
+
+@dataclass
 class TrackingSchema:
     uri: str = "???"
     artifact_root: str = "???"
     experiment: str = "???"
     run_name: Optional[str] = None
     log_model: bool = True
+    register_as: Optional[str] = None
+    figures: FiguresSchema = field(default_factory=FiguresSchema)
 
 
 @dataclass

@@ -26,6 +26,11 @@ def format_summary(result: dict) -> str:
             f"  {info.display_name:<{width}}  {entry['precision']:9.4f}  {entry['recall']:6.4f}  "
             f"{entry['f1']:6.4f}  {entry['support']:7d}"
         )
+    for level, scores in test.get("groups", {}).items():
+        lines.append(
+            f"  per {level.replace('_', ' ')} ({scores['count']} groups, mean of patch probabilities): "
+            f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}"
+        )
     lines += [
         "",
         f"Validation macro F1 (best epoch): {result['val_macro_f1']:.4f}",

@@ -22,13 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fungiexp import evaluate, plots, tracking
-from fungiexp.callbacks import BEST_WEIGHTS, LAST_MODEL, BestEpoch, EpochCheckpoint, MlflowEpochLogger, read_state
+from fungiexp import evaluate, explain, plots, tracking
+from fungiexp.callbacks import BEST_WEIGHTS, LAST_MODEL, BestEpoch, EpochCheckpoint, EpochVariable, MlflowEpochLogger, read_state
 from fungiexp.errors import ConfigError
 from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
-from fungiexp.pipeline import build_augmenter, make_dataset
+from fungiexp.pipeline import augmentation_generators, build_augmenter, make_dataset
 from fungiexp.split import SPLITS, fingerprint
 from fungiexp.validate import validate_config
 
@@ -216,7 +216,7 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     codes = data.codes
     names = [info.display_name for info in data.infos]
     splits = data.splits
-    train_ds, val_ds, test_ds = datasets
+    train_ds, val_ds, test_ds, augmenter, epoch_variable = datasets
 
     if resume_point is None:
         log.info("Logging config, split and provenance")
@@ -224,6 +224,9 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     mlflow.set_tag(CHECKPOINT_TAG, str(checkpoint_dir))
 
     initial_epoch = resume_point.state["epoch"] if resume_point else 0
+    if resume_point:
+        for generator, values in zip(augmentation_generators(augmenter), resume_point.state.get("augmentation_rng", [])):
+            generator.state.assign(np.array(values, dtype=keras.ops.convert_to_numpy(generator.state).dtype))
     log.info("Training epochs %d to %d", initial_epoch + 1, cfg.trainer.epochs)
     weights = class_weights([record.label for record in splits["train"]], len(codes), str(cfg.trainer.class_weight))
     model.fit(
@@ -232,7 +235,10 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
         epochs=int(cfg.trainer.epochs),
         initial_epoch=initial_epoch,
         class_weight=weights,
-        callbacks=_callbacks(cfg.trainer, checkpoint_dir, resume_point),
+        callbacks=[
+            *_callbacks(cfg.trainer, checkpoint_dir, resume_point, augmentation_generators(augmenter)),
+            EpochVariable(epoch_variable),
+        ],
         verbose=int(cfg.trainer.verbose),
         # The training dataset shuffles itself every epoch.
         shuffle=False,
@@ -250,25 +256,95 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     test_true = np.array([record.label for record in splits["test"]])
     test = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
     _log_test_metrics(test, codes)
+    test["groups"] = {
+        level: evaluate.group_scores(splits["test"], test_probabilities, len(codes), level) for level in ("source_image", "sample")
+    }
+    mlflow.log_metrics(
+        {f"test/{level}/{name}": value for level, scores in test["groups"].items() for name, value in scores.items() if name != "count"}
+    )
 
     log.info("Logging figures, report and model")
     title = f"{cfg.model.name} on {cfg.dataset.name} ({_run_name(cfg)})"
     mlflow.log_figure(plots.plot_confusion_matrix(test["confusion"], names, f"Test confusion matrix: {title}"), "plots/confusion_matrix.png")
     mlflow.log_figure(plots.plot_curve(history, "accuracy", f"Accuracy: {title}"), "plots/accuracy_curve.png")
     mlflow.log_figure(plots.plot_curve(history, "loss", f"Loss: {title}"), "plots/loss_curve.png")
+    _log_explanations(cfg, model, data, datasets, test_probabilities, names, title)
     report = {key: value for key, value in test.items() if key not in ("confusion", "report_text")}
     report["confusion"] = test["confusion"].tolist()
     report["class_names"] = names
     mlflow.log_dict(report, "evaluation/classification_report.json")
     mlflow.log_text(test["report_text"], "evaluation/classification_report.txt")
     if cfg.tracking.log_model:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.keras"
-            model.save(path)
-            mlflow.log_artifact(str(path), "model")
+        _log_model(cfg, model, image_size=tuple(int(side) for side in cfg.dataset.image_size), codes=codes)
     _log_job_log()
 
     return {"test": test, "val_macro_f1": val_macro_f1, "val_accuracy": val_accuracy, "history": history}
+
+
+def _log_explanations(cfg, model, data: PreparedData, datasets, test_probabilities, names, title) -> None:
+    """Log the Grad-CAM grid, augmentation preview and error gallery that ``tracking.figures`` asks for."""
+    figures = cfg.tracking.figures
+    if not (figures.gradcam or figures.augmentation_preview or figures.error_gallery):
+        return
+    _, _, test_ds, augmenter, _ = datasets
+    test_images = np.concatenate([images.numpy() for images, _ in test_ds]) if (figures.gradcam or figures.error_gallery) else None
+    labels = np.array([record.label for record in data.splits["test"]])
+    if figures.gradcam:
+        figure = explain.gradcam_grid(model, test_images, labels, test_probabilities, names, int(figures.gradcam_per_class), title)
+        mlflow.log_figure(figure, "explain/gradcam.png")
+    if figures.error_gallery:
+        paths = [record.path for record in data.splits["test"]]
+        mlflow.log_figure(explain.error_gallery(test_images, labels, test_probabilities, paths, names, title), "explain/error_gallery.png")
+    if figures.augmentation_preview:
+        train_images = next(iter(_first_images(data, cfg)))
+        mlflow.log_figure(explain.augmentation_preview(train_images, augmenter, f"augmentation={cfg.augmentation.name}, {title}"), "explain/augmentation_preview.png")
+
+
+def _first_images(data: PreparedData, cfg: DictConfig):
+    """Yield one image of each class from the training split, decoded at the run's size."""
+    from fungiexp.images import read_rgb
+
+    size = tuple(int(side) for side in cfg.dataset.image_size)
+    chosen = []
+    for label in range(len(data.codes)):
+        record = next((record for record in data.splits["train"] if record.label == label), None)
+        if record is not None:
+            chosen.append(read_rgb(data.report.class_root / record.path, size))
+    yield np.stack(chosen).astype("float32")
+
+
+def _log_model(cfg: DictConfig, model: keras.Model, image_size, codes: list[str]) -> None:
+    """Log the model as a .keras artifact and as an MLflow Keras model with a signature."""
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        mlflow.log_artifact(str(path), "model")
+    example = np.full((1, *image_size, 3), 128.0, dtype="float32")
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mlflow_model"
+        # NOTE: mlflow.keras.log_model (MLflow 3.17) writes the input example
+        # before it creates the model folder and fails, so the folder is made
+        # here and the saved model is logged as run artifacts.
+        path.mkdir()
+        mlflow.keras.save_model(
+            model,
+            str(path),
+            signature=signature,
+            input_example=example,
+            # Listing the requirements skips MLflow's slow inference of them.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            metadata={"class_codes": codes, "image_size": list(image_size), "input": "RGB pixels in [0, 255]"},
+        )
+        mlflow.log_artifacts(str(path), "mlflow_model")
+    model_uri = f"runs:/{mlflow.active_run().info.run_id}/mlflow_model"
+    mlflow.set_tag("fungiexp.mlflow_model_uri", model_uri)
+    if cfg.tracking.get("register_as"):
+        version = mlflow.register_model(model_uri, str(cfg.tracking.register_as))
+        log.info("Registered %s as model %r version %s", model_uri, version.name, version.version)
 
 
 def _log_run_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData) -> None:
@@ -304,12 +380,20 @@ def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
     augmenter = build_augmenter(cfg.augmentation, image_size, int(cfg.trainer.seed))
     batch_size = int(cfg.trainer.batch_size)
     class_root = data.report.class_root
+    epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     train_ds = make_dataset(
-        data.splits["train"], class_root, image_size, batch_size, training=True, augmenter=augmenter, seed=int(cfg.trainer.seed)
+        data.splits["train"],
+        class_root,
+        image_size,
+        batch_size,
+        training=True,
+        augmenter=augmenter,
+        seed=int(cfg.trainer.seed),
+        epoch=epoch_variable,
     )
     val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
     test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
-    return train_ds, val_ds, test_ds
+    return train_ds, val_ds, test_ds, augmenter, epoch_variable
 
 
 def _logged_history(run_id: str) -> dict[str, list[float]]:
@@ -358,7 +442,7 @@ def _log_test_metrics(test: dict, codes: list[str]) -> None:
     mlflow.log_metrics(metrics)
 
 
-def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point) -> list[keras.callbacks.Callback]:
+def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point, generators) -> list[keras.callbacks.Callback]:
     early = trainer_cfg.early_stopping
     best_epoch = BestEpoch(
         monitor=str(trainer_cfg.monitor),
@@ -369,7 +453,7 @@ def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point) -> l
         best_weights_path=checkpoint_dir / BEST_WEIGHTS,
     )
     # The checkpoint runs after the MLflow logger, so a checkpointed epoch always has its metrics.
-    return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch)]
+    return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch, generators)]
 
 
 def _configure_threads(threads_cfg: DictConfig) -> None:

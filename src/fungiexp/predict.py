@@ -1,0 +1,192 @@
+"""`fungiexp predict`: classify new images with the model of a logged run."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fungiexp.errors import ConfigError, FungiexpError
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Classify image files or folders with the model that a run logged.
+
+  fungiexp predict RUN_ID PATH... [--group-by source_image|sample] [--output predictions.csv]
+
+Writes one CSV row per image (file, predicted class, species, one probability
+per class) and prints a table. With --group-by, patches of one source image
+or sample are also summarised by the mean of their probabilities, because a
+diagnosis is made per sample, not per patch. Files that cannot be read are
+listed with the reason and skipped; the exit status is then 1.
+"""
+
+
+def predict_main(args: list[str]) -> int:
+    """Run `fungiexp predict` and return the exit status."""
+    parser = argparse.ArgumentParser(prog="fungiexp predict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_id", help="MLflow run id whose model/model.keras is used")
+    parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--group-by", choices=("source_image", "sample"), help="also summarise per source image or sample")
+    parser.add_argument("--output", default="predictions.csv", help="CSV file for the per-image results (default: predictions.csv)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri of the project's config)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default: 32)")
+    options = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        return run_predict(options)
+    except FungiexpError as error:
+        print(f"fungiexp predict: error: {error}", file=sys.stderr)
+        return 1
+
+
+def run_predict(options) -> int:
+    """Load the run's model and config, classify every image, write the CSV files."""
+    from fungiexp.images import class_infos, is_image_name, is_system_file, read_rgb
+
+    model, cfg = load_run_model(options.run_id, options.tracking_uri)
+    infos = class_infos(cfg.dataset)
+    image_size = tuple(int(side) for side in cfg.dataset.image_size)
+
+    files, failures = [], []
+    for raw in options.paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p) and not is_system_file(p)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            failures.append((str(path), "not found"))
+
+    images, good = [], []
+    for path in files:
+        try:
+            images.append(read_rgb(path, image_size))
+            good.append(path)
+        except (OSError, ValueError, SyntaxError) as error:
+            failures.append((str(path), f"unreadable image: {error}"))
+
+    rows = []
+    if good:
+        probabilities = model.predict(np.stack(images).astype("float32"), batch_size=options.batch_size, verbose=0)
+        rows = _prediction_rows(good, probabilities, infos)
+        _write_csv(Path(options.output), rows, infos)
+        print(_format_rows(rows, infos, "file"))
+        print(f"Wrote {len(rows)} predictions to {options.output}")
+        if options.group_by:
+            group_rows = _group_rows(rows, probabilities, infos, str(cfg.dataset.split.group_pattern), options.group_by)
+            group_path = Path(options.output).with_name(f"{Path(options.output).stem}_by_{options.group_by}.csv")
+            _write_csv(group_path, group_rows, infos, key=options.group_by)
+            print()
+            print(_format_rows(group_rows, infos, options.group_by))
+            print(f"Wrote {len(group_rows)} {options.group_by} summaries to {group_path}")
+
+    if failures:
+        print(f"\n{len(failures)} files failed and were skipped:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    if not good:
+        print("fungiexp predict: error: no image files found in the given paths.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_run_model(run_id: str, tracking_uri: str | None):
+    """Download and load a run's Keras model (safe mode) and its resolved config."""
+    import tempfile
+
+    import keras
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from fungiexp.tracking import resolve_tracking_uri
+
+    if tracking_uri is None:
+        from fungiexp.datacli import compose_config
+
+        tracking_uri = str(compose_config([]).tracking.uri)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
+    folder = tempfile.mkdtemp(prefix="fungiexp-predict-")
+    try:
+        model_path = client.download_artifacts(run_id, "model/model.keras", folder)
+        config_path = client.download_artifacts(run_id, "config/resolved.yaml", folder)
+    except (MlflowException, OSError) as error:
+        raise ConfigError(
+            "run id", f"run {run_id} has no logged model (model/model.keras); it ran with tracking.log_model=false or did not finish."
+        ) from error
+    log.info("Loading the model of run %s from %s", run_id, tracking_uri)
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    return model, OmegaConf.load(config_path)
+
+
+def _prediction_rows(paths, probabilities, infos) -> list[dict]:
+    rows = []
+    for path, row in zip(paths, probabilities):
+        best = int(np.argmax(row))
+        rows.append(
+            {
+                "file": str(path),
+                "predicted": infos[best].code,
+                "species": infos[best].species,
+                **{f"p_{info.code}": float(value) for info, value in zip(infos, row)},
+            }
+        )
+    return rows
+
+
+def _group_rows(rows, probabilities, infos, pattern: str, level: str) -> list[dict]:
+    regex = re.compile(pattern)
+    members: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        match = regex.match(Path(row["file"]).stem)
+        group = (match.groupdict().get(level) if match else None) or Path(row["file"]).stem
+        members.setdefault(group, []).append(index)
+    grouped = []
+    for group, indices in sorted(members.items()):
+        mean = probabilities[indices].mean(axis=0)
+        best = int(np.argmax(mean))
+        grouped.append(
+            {
+                level: group,
+                "images": len(indices),
+                "predicted": infos[best].code,
+                "species": infos[best].species,
+                **{f"p_{info.code}": float(value) for info, value in zip(infos, mean)},
+            }
+        )
+    return grouped
+
+
+def _write_csv(path: Path, rows: list[dict], infos, key: str = "file") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({name: f"{value:.6f}" if isinstance(value, float) else value for name, value in row.items()})
+
+
+def _format_rows(rows: list[dict], infos, key: str) -> str:
+    width = max(len(key), *(len(str(row[key])) for row in rows))
+    header = f"{key:<{width}}  predicted  " + "  ".join(f"{info.code:>6}" for info in infos)
+    lines = [header]
+    for row in rows:
+        probabilities = "  ".join(f"{row[f'p_{info.code}']:6.3f}" for info in infos)
+        lines.append(f"{str(row[key]):<{width}}  {row['predicted']:<9}  {probabilities}")
+    return "\n".join(lines)

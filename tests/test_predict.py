@@ -1,0 +1,151 @@
+"""Using a trained model: predict, sample-level scores, explanations and the MLflow model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fungiexp.evaluate import group_scores
+from fungiexp.explain import grad_cam
+from fungiexp.images import ImageRecord
+from fungiexp.predict import predict_main
+from fungiexp.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory):
+    """One finished small run shared by the tests of this module."""
+    from conftest import compose_config
+
+    store = tmp_path_factory.mktemp("store")
+    cfg = compose_config(
+        [
+            f"dataset.root={synthetic_root}",
+            "dataset.expected_images=null",
+            "dataset.image_size=[32,32]",
+            "trainer.epochs=2",
+            "trainer.batch_size=8",
+            "trainer.verbose=0",
+            f"trainer.checkpoint_dir={store}/checkpoints",
+            f"tracking.uri=sqlite:///{store}/mlflow.db",
+            f"tracking.artifact_root={store}/artifacts",
+            "tracking.experiment=predict",
+            "tracking.register_as=fungiexp-test-model",
+        ]
+    )
+    return train(cfg)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_run_logs_group_scores_and_figures(finished_run):
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    run = client.get_run(finished_run["run_id"])
+    for name in ("test/source_image/accuracy", "test/source_image/macro_f1", "test/sample/accuracy", "test/sample/macro_f1"):
+        assert name in run.data.metrics, name
+    explain = {info.path for info in client.list_artifacts(run.info.run_id, "explain")}
+    assert explain == {"explain/gradcam.png", "explain/augmentation_preview.png", "explain/error_gallery.png"}
+
+
+def test_model_is_registered(finished_run):
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    versions = client.search_model_versions("name='fungiexp-test-model'")
+    assert [version.run_id for version in versions] == [finished_run["run_id"]]
+
+
+def test_predict_writes_csv_and_reports_bad_file(finished_run, synthetic_root, tmp_path, capsys):
+    images = tmp_path / "new"
+    shutil.copytree(synthetic_root / "TSH", images / "TSH")
+    (images / "TSH" / "H1_9z_1.jpg").write_text("not an image")
+    output = tmp_path / "out" / "predictions.csv"
+    status = predict_main(
+        [finished_run["run_id"], str(images), "--group-by", "sample", "--output", str(output), "--tracking-uri", finished_run["tracking_uri"]]
+    )
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "H1_9z_1.jpg: unreadable image" in captured.err
+    rows = read_csv(output)
+    assert len(rows) == 18
+    for row in rows:
+        total = sum(float(row[f"p_{code}"]) for code in ("H1", "H2", "H3", "H5", "H6"))
+        assert total == pytest.approx(1.0, abs=1e-4)
+    grouped = read_csv(output.parent / "predictions_by_sample.csv")
+    assert sorted(row["sample"] for row in grouped) == ["H1_1", "H1_2", "H1_3"]
+    assert all(int(row["images"]) == 6 for row in grouped)
+
+
+def test_mlflow_model_matches_fungiexp_predict(finished_run, synthetic_root, tmp_path, capsys):
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    uri = client.get_run(finished_run["run_id"]).data.tags["fungiexp.mlflow_model_uri"]
+    files = sorted((synthetic_root / "GMA").glob("*.jpg"))[:3]
+    output = tmp_path / "predictions.csv"
+    predict_main([finished_run["run_id"], *map(str, files), "--output", str(output), "--tracking-uri", finished_run["tracking_uri"]])
+    expected = [row["predicted"] for row in read_csv(output)]
+
+    from fungiexp.images import read_rgb
+
+    batch = np.stack([read_rgb(path, (32, 32)) for path in files]).astype("float32")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"inputs": batch.tolist()}))
+    completed = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            uri,
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": finished_run["tracking_uri"]},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    predictions = json.loads(completed.stdout.strip().splitlines()[-1])["predictions"]
+    codes = ["H1", "H2", "H3", "H5", "H6"]
+    assert [codes[int(np.argmax(row))] for row in predictions] == expected
+
+
+@pytest.mark.parametrize("model_overrides", [["model=small_cnn"], ["model=vgg16", "model.weights=null", "fine_tune=all"]], ids=["small_cnn", "vgg16"])
+def test_grad_cam_heatmaps_are_normalised(model_overrides):
+    from conftest import compose_config
+    from fungiexp.models import build_model
+
+    cfg = compose_config(model_overrides)
+    model = build_model(cfg.model, cfg.fine_tune, 5, (32, 32))
+    images = np.random.default_rng(0).uniform(0, 255, size=(3, 32, 32, 3)).astype("float32")
+    heatmaps = grad_cam(model, images, np.array([0, 1, 2]))
+    assert heatmaps.shape == (3, 32, 32)
+    assert heatmaps.min() >= 0.0
+    assert heatmaps.max() <= 1.0 + 1e-6
+
+
+def test_group_scores_average_patches():
+    records = [
+        ImageRecord(path=f"p{i}", label=label, code="", source_image=f"s{group}", sample=f"m{group}")
+        for i, (label, group) in enumerate([(0, 1), (0, 1), (1, 2), (1, 2)])
+    ]
+    probabilities = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]])
+    scores = group_scores(records, probabilities, 2, "source_image")
+    assert scores == {"accuracy": 1.0, "macro_f1": 1.0, "count": 2}
