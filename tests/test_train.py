@@ -168,7 +168,7 @@ def test_cli_config_error_exits_without_traceback(quick_overrides, tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-def test_cli_multirun_runs_each_job(quick_overrides, tmp_path):
+def test_cli_multirun_groups_jobs_under_parent(quick_overrides, tmp_path):
     completed = run_cli(
         "train", "-m", *quick_overrides, "augmentation=none,notebook", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
     )
@@ -177,11 +177,28 @@ def test_cli_multirun_runs_each_job(quick_overrides, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("test")
     runs = client.search_runs([experiment.experiment_id])
-    names = sorted(run.info.run_name for run in runs)
+    (parent,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert "augmentation=none,notebook" in parent.data.tags["fungiexp.sweep.overrides"]
+    names = sorted(run.info.run_name for run in children)
+    assert len(names) == 2
     assert names[0].endswith(",augmentation=none")
     assert names[1].endswith(",augmentation=notebook")
     assert "dataset.root" not in names[0]
-    assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(run.info.status == "FINISHED" for run in children)
+
+
+def test_cli_multirun_failed_job_does_not_stop_others(quick_overrides, tmp_path):
+    completed = run_cli(
+        "train", "-m", *quick_overrides, "fine_tune=block5,all", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
+    )
+    assert completed.returncode != 0
+    assert "fine_tune=block5 does not apply to model=small_cnn" in completed.stdout + completed.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    finished = [run for run in runs if run.data.tags.get("fungiexp.sweep.job") == "1"]
+    assert [run.info.status for run in finished] == ["FINISHED"]
 
 
 @pytest.fixture

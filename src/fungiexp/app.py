@@ -29,7 +29,11 @@ def config_dir() -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def train_app(cfg: DictConfig) -> float:
-    """Train one run, print its summary and return the validation macro-F1 for sweepers."""
+    """Train one run, print its summary and return the validation score that sweepers maximise.
+
+    The score is the best epoch's validation macro-F1, or its accuracy with
+    ``trainer.objective=accuracy``.
+    """
     from fungiexp.summary import format_summary
     from fungiexp.validate import validate_config
 
@@ -42,6 +46,17 @@ def train_app(cfg: DictConfig) -> float:
     except FungiexpError as error:
         # Config and data errors carry their own fix, so a traceback adds nothing.
         log.error("%s", error)
+        if _in_multirun():
+            # Hydra records the failed job and runs the others; exiting here would stop the sweep.
+            raise
         sys.exit(1)
     print(format_summary(result))
-    return result["val_macro_f1"]
+    objective = str(cfg.trainer.objective)
+    return result["val_macro_f1"] if objective == "macro_f1" else result["val_accuracy"]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

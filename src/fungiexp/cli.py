@@ -9,11 +9,13 @@ USAGE = """\
 usage: fungiexp COMMAND [ARGS...]
 
 Commands:
+  compare  List runs of an experiment or sweep with the parameters that differ and their metrics.
   data     Fetch the data set (`data fetch`) or check it for bad files (`data check`).
   predict  Classify new images with the model of a logged run (`predict RUN_ID PATH...`).
   reproduce
            Rerun experiments/NAME.yaml or a logged run id and compare its metrics.
   train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
+  ui       Open the MLflow UI on the project's store (127.0.0.1:5000 by default).
            ARGS are Hydra overrides and flags, for example:
              fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
              fungiexp train --cfg job        (print the composed config)
@@ -52,6 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
 
+    if command == "compare":
+        from fungiexp.compare import compare_main
+
+        return compare_main(rest)
+
+    if command == "ui":
+        from fungiexp.compare import ui_main
+
+        return ui_main(rest)
+
     if command == "predict":
         from fungiexp.predict import predict_main
 
@@ -62,6 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return reproduce_main(rest)
 
-    print(f"fungiexp: unknown command {command!r}; valid commands: data, predict, reproduce, train.\n", file=sys.stderr)
+    print(f"fungiexp: unknown command {command!r}; valid commands: compare, data, predict, reproduce, train, ui.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2

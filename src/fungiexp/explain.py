@@ -89,8 +89,12 @@ def gradcam_grid(
         wrong = np.flatnonzero((labels == label) & (predictions != label))
         half = per_class // 2
         chosen = list(correct[:half]) + list(wrong[: per_class - half])
-        chosen += [index for index in correct[half:] if len(chosen) < per_class]
-        rows.append(chosen[:per_class])
+        # Fill a row short of one kind with more of the other.
+        for index in [*correct[half:], *wrong[per_class - half :]]:
+            if len(chosen) >= per_class:
+                break
+            chosen.append(index)
+        rows.append(chosen)
 
     figure = Figure(figsize=(2.2 * per_class, 2.4 * len(class_names)), layout="constrained")
     axes = figure.subplots(len(class_names), per_class, squeeze=False)

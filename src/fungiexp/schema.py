@@ -123,6 +123,7 @@ class TrainerSchema:
     seed: int = 42
     deterministic: bool = False
     class_weight: str = "balanced"
+    objective: str = "macro_f1"
     monitor: str = "val_loss"
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     restore_best: bool = True
@@ -144,7 +145,7 @@ class FiguresSchema:
 @dataclass
 class TrackingSchema:
     uri: str = "???"
-    artifact_root: str = "???"
+    artifact_root: Optional[str] = None
     experiment: str = "???"
     run_name: Optional[str] = None
     log_model: bool = True

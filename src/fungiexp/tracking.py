@@ -51,9 +51,12 @@ def setup_tracking(tracking_cfg: DictConfig) -> tuple[str, str]:
     name = str(tracking_cfg.experiment)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        artifact_root = Path(str(tracking_cfg.artifact_root)).resolve()
-        artifact_root.mkdir(parents=True, exist_ok=True)
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+        location = None
+        if tracking_cfg.get("artifact_root"):
+            artifact_root = Path(str(tracking_cfg.artifact_root)).resolve()
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = artifact_root.as_uri()
+        experiment_id = mlflow.create_experiment(name, artifact_location=location)
         log.info("Created MLflow experiment %r in %s", name, uri)
     else:
         experiment_id = experiment.experiment_id

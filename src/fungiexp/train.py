@@ -30,6 +30,7 @@ from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
 from fungiexp.pipeline import augmentation_generators, build_augmenter, make_dataset
 from fungiexp.split import SPLITS, fingerprint
+from fungiexp.sweep import sweep_tags
 from fungiexp.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     checkpoint_dir = (Path(str(cfg.trainer.checkpoint_dir)) / run.info.run_id).resolve()
     try:
         with _sigterm_as_interrupt():
-            mlflow.set_tags(tags or {})
+            mlflow.set_tags({**sweep_tags(), **(tags or {})})
             result = _tracked_run(cfg, model, data, datasets, checkpoint_dir, resume_point)
     except KeyboardInterrupt:
         # A second Ctrl-C during the clean-up below stops the process at once.

@@ -1,0 +1,245 @@
+"""`fungiexp compare` and `fungiexp ui`: look at runs side by side, in the terminal or in MLflow's UI."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+from fungiexp.errors import ConfigError, FungiexpError
+
+# Keys that describe where a run went or how it was logged, not what it tried.
+IGNORED_PARAM_PREFIXES = (
+    "tracking.",
+    "reported.",
+    "dataset.root",
+    "dataset.source",
+    "dataset.cache_dir",
+    "dataset.split.manifest",
+    "trainer.checkpoint_dir",
+    "trainer.verbose",
+    "trainer.resume",
+    "model.trainable_params",
+    "model.frozen_params",
+)
+# Keys whose runs are repeats of one setting, for --aggregate.
+REPEAT_KEYS = ("trainer.seed", "dataset.split.fold")
+
+DESCRIPTION = """\
+List the finished runs of an experiment or of one sweep: the parameters that
+differ between them and the chosen metrics, sorted by a metric.
+
+  fungiexp compare                          # runs of tracking.experiment
+  fungiexp compare --sweep last --plot augmentation.name,fine_tune.name
+  fungiexp compare --aggregate              # mean, std and count over seeds and folds
+"""
+
+
+def compare_main(args: list[str]) -> int:
+    """Run `fungiexp compare` and return the exit status."""
+    parser = argparse.ArgumentParser(prog="fungiexp compare", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the config)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri of the config)")
+    parser.add_argument("--sweep", help="parent run id of a sweep, or `last` for the newest sweep")
+    parser.add_argument("--metrics", help="comma-separated metrics (default: test/accuracy, test/macro_f1, per-class recall)")
+    parser.add_argument("--sort", default="test/macro_f1", help="metric to sort by, highest first (default: test/macro_f1)")
+    parser.add_argument("--csv", help="also write the table to this CSV file")
+    parser.add_argument("--aggregate", action="store_true", help="group runs that differ only in trainer.seed or dataset.split.fold")
+    parser.add_argument("--plot", help="one or two parameters to plot the sort metric against, comma-separated")
+    parser.add_argument("--plot-file", default="compare.png", help="where to save the plot (default: compare.png)")
+    options = parser.parse_args(args)
+    try:
+        return run_compare(options)
+    except FungiexpError as error:
+        print(f"fungiexp compare: error: {error}", file=sys.stderr)
+        return 1
+
+
+def run_compare(options) -> int:
+    """Fetch the runs, build the table, print it and write the optional CSV and plot."""
+    from mlflow.tracking import MlflowClient
+
+    from fungiexp.tracking import resolve_tracking_uri
+
+    uri, experiment = _defaults(options)
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError("--experiment", f"experiment {experiment!r} not found in {uri}.")
+    runs = client.search_runs([found.experiment_id], max_results=5000)
+    parent = _sweep_parent(options.sweep, runs)
+    runs = [
+        run
+        for run in runs
+        if run.info.status == "FINISHED"
+        and run.data.tags.get("fungiexp.sweep.role") != "parent"
+        and (parent is None or run.data.tags.get("fungiexp.sweep.parent") == parent)
+    ]
+    if not runs:
+        print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent}' if parent else ''}.")
+        return 1
+
+    varying = differing_params(runs)
+    metrics = _metric_names(options.metrics, runs)
+    rows = [{"run": run.info.run_name or run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
+    if options.aggregate:
+        rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics)
+    sort_key = options.sort if options.sort in rows[0] else f"{options.sort} mean"
+    rows.sort(key=lambda row: -_number(row.get(sort_key)))
+
+    print(format_rows(rows))
+    if options.csv:
+        with open(options.csv, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"Wrote {len(rows)} rows to {options.csv}")
+    if options.plot:
+        figure = plot_metric(rows, options.plot.split(","), sort_key)
+        figure.savefig(options.plot_file, dpi=120)
+        print(f"Saved the plot to {options.plot_file}")
+        if parent:
+            client.log_artifact(parent, options.plot_file, "compare")
+            print(f"Logged the plot to sweep run {parent}")
+    return 0
+
+
+def differing_params(runs) -> list[str]:
+    """Return the parameter keys whose values differ between ``runs``, except bookkeeping keys."""
+    keys = sorted({key for run in runs for key in run.data.params})
+    return [
+        key
+        for key in keys
+        if not key.startswith(IGNORED_PARAM_PREFIXES)
+        and not key.startswith("data.")
+        and len({run.data.params.get(key) for run in runs}) > 1
+    ]
+
+
+def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str]) -> list[dict]:
+    """Group rows by ``group_keys`` and give mean, standard deviation and count of each metric."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(key, "") for key in group_keys), []).append(row)
+    result = []
+    for values, members in groups.items():
+        entry = dict(zip(group_keys, values))
+        entry["runs"] = len(members)
+        for metric in metrics:
+            numbers = np.array([member[metric] for member in members], dtype=float)
+            numbers = numbers[~np.isnan(numbers)]
+            entry[f"{metric} mean"] = float(numbers.mean()) if len(numbers) else math.nan
+            entry[f"{metric} std"] = float(numbers.std(ddof=1)) if len(numbers) > 1 else math.nan
+        result.append(entry)
+    return result
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Format rows as a fixed-width table, numbers with four decimals."""
+    columns = list(rows[0])
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def plot_metric(rows: list[dict], params: list[str], metric: str):
+    """Plot ``metric`` against one parameter (bars) or two (a grid of values)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    varying = [key for key in rows[0] if "/" not in key and key not in ("run", "runs")]
+    for param in params:
+        if param not in rows[0]:
+            raise ConfigError("--plot", f"parameter {param!r} does not vary between these runs; varying: {', '.join(varying)}.")
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.subplots()
+    if len(params) == 1:
+        labels = [str(row[params[0]]) for row in rows]
+        axes.bar(range(len(rows)), [_number(row[metric]) for row in rows])
+        axes.set_xticks(range(len(rows)), labels=labels, rotation=30, ha="right")
+        axes.set_xlabel(params[0])
+        axes.set_ylabel(metric)
+    else:
+        xs = sorted({str(row[params[0]]) for row in rows})
+        ys = sorted({str(row[params[1]]) for row in rows})
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for row in rows:
+            grid[ys.index(str(row[params[1]])), xs.index(str(row[params[0]]))] = _number(row[metric])
+        image = axes.imshow(grid, cmap="viridis")
+        figure.colorbar(image, ax=axes, label=metric)
+        axes.set_xticks(range(len(xs)), labels=xs)
+        axes.set_yticks(range(len(ys)), labels=ys)
+        axes.set_xlabel(params[0])
+        axes.set_ylabel(params[1])
+        for y in range(len(ys)):
+            for x in range(len(xs)):
+                if not np.isnan(grid[y, x]):
+                    axes.text(x, y, f"{grid[y, x]:.3f}", ha="center", va="center", color="white")
+    axes.set_title(f"{metric} by {' and '.join(params)}")
+    return figure
+
+
+def ui_main(args: list[str]) -> int:
+    """Start the MLflow UI on the project's store, bound to 127.0.0.1 unless --host sets another address."""
+    parser = argparse.ArgumentParser(prog="fungiexp ui", description="Open the MLflow UI on the project's store.")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: tracking.uri of the config)")
+    options = parser.parse_args(args)
+    from fungiexp.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(options.tracking_uri or _defaults(options)[0])
+    program = Path(sys.executable).parent / "mlflow"
+    command = [str(program) if program.is_file() else "mlflow", "ui", "--backend-store-uri", uri, "--host", options.host, "--port", str(options.port)]
+    print(f"Opening the MLflow UI on http://{options.host}:{options.port} for {uri}")
+    # The UI replaces this process, so Ctrl-C stops the server itself.
+    os.execvp(command[0], command)
+    return 0
+
+
+def _defaults(options) -> tuple[str, str]:
+    from fungiexp.datacli import compose_config
+
+    tracking = compose_config([]).tracking
+    return (getattr(options, "tracking_uri", None) or str(tracking.uri), getattr(options, "experiment", None) or str(tracking.experiment))
+
+
+def _sweep_parent(sweep: str | None, runs) -> str | None:
+    if sweep is None:
+        return None
+    parents = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    if sweep == "last":
+        if not parents:
+            raise ConfigError("--sweep", "no sweep in this experiment; run `fungiexp train -m ...` first.")
+        return max(parents, key=lambda run: run.info.start_time).info.run_id
+    if sweep not in {run.info.run_id for run in parents}:
+        raise ConfigError("--sweep", f"{sweep!r} is not the parent run of a sweep in this experiment.")
+    return sweep
+
+
+def _metric_names(option: str | None, runs) -> list[str]:
+    if option:
+        return [name.strip() for name in option.split(",") if name.strip()]
+    recalls = sorted({name for run in runs for name in run.data.metrics if name.startswith("test/") and name.endswith("/recall") and name.count("/") == 2})
+    return ["test/accuracy", "test/macro_f1", *recalls]
+
+
+def _number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return -math.inf
+    return -math.inf if math.isnan(number) else number
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)

@@ -1,0 +1,73 @@
+"""Group the runs of a Hydra multirun under one MLflow parent run.
+
+Hydra calls ``SweepRunCallback`` in the launching process. It creates the
+parent run before the first job and writes its id to a file in the sweep
+folder, so that jobs in this process and in launcher subprocesses (joblib,
+submitit) find it and tag themselves as its children.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent_run_id"
+
+
+class SweepRunCallback(Callback):
+    """Create an MLflow parent run for a multirun and close it when the sweep ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from fungiexp import tracking
+
+        uri, experiment_id = tracking.setup_tracking(config.tracking)
+        overrides = list(config.hydra.overrides.task)
+        client = MlflowClient(tracking_uri=uri)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep {' '.join(overrides)}"[:250],
+            tags={"fungiexp.sweep.role": "parent", "fungiexp.sweep.overrides": " ".join(overrides)[:5000]},
+        )
+        folder = Path(config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PARENT_FILE).write_text(run.info.run_id)
+        log.info("Sweep parent run %s in experiment %r", run.info.run_id, config.tracking.experiment)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from fungiexp import tracking
+
+        parent = parent_run_id(Path(config.hydra.sweep.dir))
+        if parent:
+            MlflowClient(tracking_uri=tracking.resolve_tracking_uri(str(config.tracking.uri))).set_terminated(parent, "FINISHED")
+
+
+def parent_run_id(sweep_dir: Path) -> str | None:
+    """Return the parent run id written for the sweep in ``sweep_dir``, if any."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+def sweep_tags() -> dict[str, str]:
+    """Return the tags that make the current Hydra job a child of its sweep's parent run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    parent = parent_run_id(Path(hydra_cfg.sweep.dir))
+    tags = {"fungiexp.sweep.job": str(hydra_cfg.job.num)}
+    if parent:
+        tags.update({"mlflow.parentRunId": parent, "fungiexp.sweep.parent": parent})
+    return tags

@@ -1,0 +1,71 @@
+"""`fungiexp compare` over sweeps."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "fungiexp", *args], cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ}
+    )
+
+
+def test_compare_lists_sweep_with_swept_columns(quick_overrides, tmp_path):
+    swept = run_cli(
+        "train", "-m", *quick_overrides, "augmentation=none,notebook,strong", "optimizer=adam,sgd", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
+    )
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    compared = run_cli(
+        "compare",
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "test",
+        "--sweep",
+        "last",
+        "--csv",
+        str(tmp_path / "table.csv"),
+        "--plot",
+        "augmentation.name,optimizer.name",
+        "--plot-file",
+        str(tmp_path / "plot.png"),
+        cwd=tmp_path,
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    with open(tmp_path / "table.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 6
+    assert {"augmentation.name", "optimizer.name", "test/macro_f1", "test/H1/recall"} <= set(rows[0])
+    assert {(row["augmentation.name"], row["optimizer.name"]) for row in rows} == {
+        (augmentation, optimizer) for augmentation in ("none", "notebook", "strong") for optimizer in ("adam", "sgd")
+    }
+    scores = [float(row["test/macro_f1"]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("test")
+    (parent,) = [run for run in client.search_runs([experiment.experiment_id]) if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    assert [info.path for info in client.list_artifacts(parent.info.run_id, "compare")] == ["compare/plot.png"]
+
+
+def test_compare_aggregates_seeds(quick_overrides, tmp_path):
+    swept = run_cli("train", "-m", *quick_overrides, "trainer.seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    compared = run_cli(
+        "compare", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--experiment", "test", "--aggregate", "--csv", str(tmp_path / "agg.csv"), cwd=tmp_path
+    )
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    with open(tmp_path / "agg.csv", newline="") as stream:
+        (row,) = list(csv.DictReader(stream))
+    assert row["runs"] == "3"
+    assert {"test/macro_f1 mean", "test/macro_f1 std"} <= set(row)

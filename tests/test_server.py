@@ -1,0 +1,98 @@
+"""Runs against an MLflow tracking server, and `fungiexp ui`, both on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fungiexp.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, process, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server/mlflow.db",
+            "--artifacts-destination",
+            str(tmp_path / "server" / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_run_logs_to_tracking_server(mlflow_server, make_config):
+    result = train(make_config("tracking=server", f"tracking.uri={mlflow_server}", "tracking.experiment=server"))
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "test/macro_f1" in run.data.metrics
+    paths = {info.path for info in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/confusion_matrix.png" in paths
+
+
+def test_ui_command_serves_store(make_config, tmp_path):
+    result = train(make_config())
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fungiexp", "ui", "--port", str(port), "--tracking-uri", result["tracking_uri"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/get?run_id={result['run_id']}"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert result["run_id"] in response.read().decode()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
