@@ -74,3 +74,19 @@ def test_optuna_sweep_prints_best_parameters(quick_overrides, tmp_path):
     assert "Best parameters" in output
     _, runs = children(tmp_path)
     assert len(runs) == 3
+
+
+def test_mirrored_strategy_over_two_logical_cpus(quick_overrides, tmp_path):
+    completed = run_cli(
+        "train",
+        *quick_overrides,
+        "trainer.strategy=mirrored",
+        "trainer.logical_cpus=2",
+        f"hydra.run.dir={tmp_path}/hydra",
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    log_text = (tmp_path / "hydra" / "train.log").read_text()
+    assert "trainer.strategy=mirrored over 2 devices" in log_text
+    _, runs = children(tmp_path)
+    assert [run.info.status for run in runs] == ["FINISHED"]

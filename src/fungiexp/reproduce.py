@@ -76,6 +76,8 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
     if path.resolve().parent != experiments:
         raise ConfigError("experiment", f"{path} is not in {experiments}; copy it there to run it.")
     cfg = compose_config([f"+experiment={path.stem}", *overrides])
+    if not cfg.tracking.run_name:
+        cfg.tracking.run_name = f"reproduce {path.stem}"
     if not cfg.get("reported") or not (cfg.reported.metrics or cfg.reported.maximum):
         raise ConfigError("reported", f"{path} has no reported metrics to compare with.")
 
@@ -124,6 +126,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     cfg.tracking = current.tracking
     cfg.dataset.split.manifest = str(Path(manifest).resolve())
     cfg.trainer.resume = None
+    cfg.tracking.run_name = f"reproduce {original.info.run_name or run_id}"[:250]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item for item in overrides if not item.startswith("tracking.")]))
     validate_config(cfg)
 

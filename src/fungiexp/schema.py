@@ -127,6 +127,8 @@ class TrainerSchema:
     monitor: str = "val_loss"
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     restore_best: bool = True
+    strategy: str = "default"
+    logical_cpus: int = 0
     jit_compile: Any = "auto"
     threads: ThreadsSchema = field(default_factory=ThreadsSchema)
     checkpoint_dir: str = "checkpoints"

@@ -32,7 +32,7 @@ class SweepRunCallback(Callback):
         client = MlflowClient(tracking_uri=uri)
         run = client.create_run(
             experiment_id,
-            run_name=f"sweep {' '.join(overrides)}"[:250],
+            run_name=f"sweep {' '.join(tracking.meaningful_overrides(overrides))}"[:250],
             tags={"fungiexp.sweep.role": "parent", "fungiexp.sweep.overrides": " ".join(overrides)[:5000]},
         )
         folder = Path(config.hydra.sweep.dir)

@@ -121,6 +121,25 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+# Override prefixes that describe where a run went or how it logs, not what it tried.
+_BOOKKEEPING_OVERRIDES = (
+    "tracking.",
+    "hydra.",
+    "dataset.root=",
+    "dataset.source=",
+    "dataset.cache_dir=",
+    "dataset.split.manifest=",
+    "trainer.checkpoint_dir=",
+    "trainer.resume=",
+    "trainer.verbose=",
+)
+
+
+def meaningful_overrides(overrides: list[str]) -> list[str]:
+    """Return the overrides that change what a run tries, for naming runs."""
+    return [item for item in overrides if not item.lstrip("+~").startswith(_BOOKKEEPING_OVERRIDES)]
+
+
 def command_line() -> str:
     """Return the command that started this process, as a user would type it."""
     if not sys.argv:

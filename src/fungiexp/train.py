@@ -61,6 +61,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
         validate_config(cfg)
         uri, experiment_id = tracking.setup_tracking(cfg.tracking)
     _configure_threads(cfg.trainer.threads)
+    _configure_devices(cfg.trainer)
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(int(cfg.trainer.seed))
@@ -79,13 +80,14 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
         model = keras.saving.load_model(resume_point.directory / LAST_MODEL, safe_mode=True)
     else:
         log.info("Building model %s (fine_tune=%s)", cfg.model.name, cfg.fine_tune.name)
-        model = build_model(cfg.model, cfg.fine_tune, len(data.codes), image_size)
-        model.compile(
-            optimizer=build_optimizer(cfg.optimizer),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=cfg.trainer.jit_compile,
-        )
+        with _distribution_strategy(cfg.trainer).scope():
+            model = build_model(cfg.model, cfg.fine_tune, len(data.codes), image_size)
+            model.compile(
+                optimizer=build_optimizer(cfg.optimizer),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                jit_compile=cfg.trainer.jit_compile,
+            )
     datasets = _make_datasets(cfg, data, image_size)
 
     if resume_point:
@@ -119,6 +121,10 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     mlflow.end_run("FINISHED")
 
     result.update(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, class_infos=data.infos)
+    # Free this job's model, datasets and traced functions before a sweep's next job.
+    del model, datasets
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
     return result
 
 
@@ -324,7 +330,9 @@ def _log_model(cfg: DictConfig, model: keras.Model, image_size, codes: list[str]
         model.save(path)
         mlflow.log_artifact(str(path), "model")
     example = np.full((1, *image_size, 3), 128.0, dtype="float32")
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # A direct call: with trainer.strategy=mirrored, predict on a batch of one
+    # fails in Keras 3.15 because one replica gets no image.
+    signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "mlflow_model"
         # NOTE: mlflow.keras.log_model (MLflow 3.17) writes the input example
@@ -457,6 +465,28 @@ def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point, gene
     return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch, generators)]
 
 
+def _distribution_strategy(trainer_cfg: DictConfig) -> tf.distribute.Strategy:
+    """Return the tf.distribute strategy that ``trainer.strategy`` names."""
+    if trainer_cfg.strategy == "default":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [device.name for device in gpus] or [device.name for device in tf.config.list_logical_devices("CPU")]
+    log.info("trainer.strategy=mirrored over %d devices: %s", len(devices), ", ".join(devices))
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def _configure_devices(trainer_cfg: DictConfig) -> None:
+    count = int(trainer_cfg.get("logical_cpus") or 0)
+    if count < 2:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError as error:
+        # TensorFlow fixes its devices when it first runs an op.
+        log.warning("trainer.logical_cpus not applied (%s); TensorFlow keeps its current devices", error)
+
+
 def _configure_threads(threads_cfg: DictConfig) -> None:
     intra, inter = int(threads_cfg.intra_op), int(threads_cfg.inter_op)
     try:
@@ -473,20 +503,7 @@ def _configure_threads(threads_cfg: DictConfig) -> None:
 def _run_name(cfg: DictConfig) -> str:
     if cfg.tracking.run_name:
         return str(cfg.tracking.run_name)
-    overrides = _hydra_overrides()
-    # Paths and logging settings describe where a run went, not what it tried.
-    hidden = (
-        "tracking.",
-        "hydra.",
-        "dataset.root=",
-        "dataset.source=",
-        "dataset.cache_dir=",
-        "dataset.split.manifest=",
-        "trainer.checkpoint_dir=",
-        "trainer.resume=",
-        "trainer.verbose=",
-    )
-    shown = [item for item in overrides if not item.lstrip("+~").startswith(hidden)]
+    shown = tracking.meaningful_overrides(_hydra_overrides())
     return ",".join(shown)[:250] if shown else "defaults"
 
 

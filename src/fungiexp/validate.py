@@ -234,6 +234,7 @@ def _check_trainer(trainer: DictConfig) -> None:
     positive("trainer.batch_size", trainer.batch_size, integer=True)
     choice("trainer.monitor", trainer.monitor, MONITORS)
     choice("trainer.objective", trainer.objective, ("macro_f1", "accuracy"))
+    choice("trainer.strategy", trainer.strategy, ("default", "mirrored"))
     choice("trainer.class_weight", trainer.class_weight, CLASS_WEIGHTS)
     if trainer.early_stopping.enabled:
         positive("trainer.early_stopping.patience", trainer.early_stopping.patience, integer=True)
