@@ -137,3 +137,41 @@ def test_real_data_predict_held_out_samples(defungi_root, tmp_path, capsys):
         assert sum(float(row[f"p_{code}"]) for code in codes) == pytest.approx(1.0, abs=1e-4)
     with open(tmp_path / "predictions_by_sample.csv", newline="") as stream:
         assert sorted(row["sample"] for row in csv.DictReader(stream)) == samples
+
+
+def test_real_fetch_from_file_url_then_again(tmp_path, caplog):
+    root = tmp_path / "data" / "defungi"
+    cfg = compose_config([f"dataset.root={root}", f"dataset.source={DEFUNGI_ZIP.resolve().as_uri()}"]).dataset
+    fetch(cfg)
+    assert len(scan_images(cfg, root)) == 9114
+    assert sorted(path.name for path in root.iterdir()) == ["BASH", "BBH", "GMA", "SHC", "TSH"]
+    with caplog.at_level("INFO"):
+        fetch(cfg)
+    assert "already exists; nothing to fetch" in caplog.text
+
+
+def test_killed_fetch_leaves_no_data_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "data" / "defungi"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fungiexp", "data", "fetch", f"dataset.root={root}", f"dataset.source={DEFUNGI_ZIP}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    # Wait until extraction has started, then kill the process without warning.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any((tmp_path / "data").glob(".defungi.fetch-*/extracted/*")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert not root.exists()
+
+    cfg = compose_config([f"dataset.root={root}", f"dataset.source={DEFUNGI_ZIP}"]).dataset
+    fetch(cfg)
+    assert len(scan_images(cfg, root)) == 9114
+    assert [path.name for path in (tmp_path / "data").iterdir()] == ["defungi"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import urllib.parse
@@ -62,7 +63,8 @@ def fetch(dataset_cfg: DictConfig) -> Path:
 
     source = str(dataset_cfg.source)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{root.name}.fetch-", dir=root.parent) as work:
+    _remove_abandoned_fetches(root)
+    with tempfile.TemporaryDirectory(prefix=f".{root.name}.fetch-{os.getpid()}-", dir=root.parent) as work:
         work_dir = Path(work)
         archive = _local_archive(source, work_dir)
         if dataset_cfg.get("sha256"):
@@ -96,6 +98,31 @@ def fetch(dataset_cfg: DictConfig) -> Path:
             return root
     log.info("Extracted %s into %s", source, root)
     return root
+
+
+def _remove_abandoned_fetches(root: Path) -> None:
+    """Delete the work folders of earlier fetches into ``root`` whose process no longer runs.
+
+    A killed fetch cannot clean up after itself; its folder name carries its process id.
+    """
+    for folder in root.parent.glob(f".{root.name}.fetch-*-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _process_exists(pid):
+            log.info("Removing %s, left by an interrupted fetch", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_counts(dataset_cfg: DictConfig, class_root: Path, source: str) -> None:
