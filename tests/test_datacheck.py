@@ -178,3 +178,10 @@ def test_data_fetch_command_is_idempotent(synthetic_root, tmp_path):
     second = run_data_cli(*args, cwd=tmp_path)
     assert second.returncode == 0
     assert "already exists; nothing to fetch" in second.stderr
+
+
+@pytest.mark.parametrize("subcommand", ["fetch", "check"])
+def test_data_subcommand_help(subcommand, tmp_path):
+    completed = run_data_cli(subcommand, "--help", cwd=tmp_path)
+    assert completed.returncode == 0
+    assert "usage: fungiexp data {fetch,check}" in completed.stdout

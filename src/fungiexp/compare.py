@@ -49,7 +49,9 @@ def compare_main(args: list[str]) -> int:
     parser.add_argument("--csv", help="also write the table to this CSV file")
     parser.add_argument("--aggregate", action="store_true", help="group runs that differ only in trainer.seed or dataset.split.fold")
     parser.add_argument("--plot", help="one or two parameters to plot the sort metric against, comma-separated")
-    parser.add_argument("--plot-file", default="compare.png", help="where to save the plot (default: compare.png)")
+    parser.add_argument(
+        "--plot-file", default="outputs/compare.png", help="where to save the plot (default: outputs/compare.png, git-ignored)"
+    )
     options = parser.parse_args(args)
     try:
         return run_compare(options)
@@ -65,6 +67,7 @@ def run_compare(options) -> int:
     from fungiexp.tracking import resolve_tracking_uri
 
     uri, experiment = _defaults(options)
+    require_store(uri)
     client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -84,7 +87,7 @@ def run_compare(options) -> int:
 
     varying = differing_params(runs)
     metrics = _metric_names(options.metrics, runs)
-    rows = [{"run": run.info.run_name or run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
+    rows = [{"run": run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
     if options.aggregate:
         rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics)
     sort_key = options.sort if options.sort in rows[0] else f"{options.sort} mean"
@@ -99,6 +102,7 @@ def run_compare(options) -> int:
         print(f"Wrote {len(rows)} rows to {options.csv}")
     if options.plot:
         figure = plot_metric(rows, options.plot.split(","), sort_key)
+        Path(options.plot_file).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(options.plot_file, dpi=120)
         print(f"Saved the plot to {options.plot_file}")
         if parent:
@@ -202,6 +206,21 @@ def ui_main(args: list[str]) -> int:
     # The UI replaces this process, so Ctrl-C stops the server itself.
     os.execvp(command[0], command)
     return 0
+
+
+def require_store(uri: str) -> None:
+    """Raise ConfigError if ``uri`` is an SQLite store that does not exist yet.
+
+    Commands that only read runs must not create an empty store in the
+    working directory.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).expanduser().resolve().is_file():
+        raise ConfigError(
+            "tracking.uri",
+            f"no MLflow store at {uri} (relative to {Path.cwd()}). Run the command in the project folder, "
+            "or pass --tracking-uri.",
+        )
 
 
 def _defaults(options) -> tuple[str, str]:

@@ -97,7 +97,7 @@ def prepare_data(dataset_cfg: DictConfig) -> PreparedData:
         if absent:
             log.warning(
                 "The %s split has no images of class %s, so its scores for that class are undefined; "
-                "use more images (dataset.limit_per_class) or group_by=source_image",
+                "use more images (dataset.limit_per_class) or a finer dataset.split.group_by",
                 name,
                 ", ".join(absent),
             )

@@ -34,6 +34,9 @@ def data_main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0
+    if any(arg in ("-h", "--help") for arg in args[1:]):
+        print(USAGE, end="")
+        return 0
     subcommand, overrides = args[0], [arg for arg in args[1:] if arg != "--all"]
     show_all = "--all" in args[1:]
     if subcommand not in ("fetch", "check"):

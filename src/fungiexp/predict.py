@@ -116,6 +116,9 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         from fungiexp.datacli import compose_config
 
         tracking_uri = str(compose_config([]).tracking.uri)
+    from fungiexp.compare import require_store
+
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     try:
         client.get_run(run_id)
@@ -182,11 +185,15 @@ def _write_csv(path: Path, rows: list[dict], infos, key: str = "file") -> None:
             writer.writerow({name: f"{value:.6f}" if isinstance(value, float) else value for name, value in row.items()})
 
 
-def _format_rows(rows: list[dict], infos, key: str) -> str:
+def _format_rows(rows: list[dict], infos, key: str, limit: int = 25) -> str:
+    """Format up to ``limit`` rows as a table; the CSV file has all of them."""
+    shown, rows = rows, rows[:limit]
     width = max(len(key), *(len(str(row[key])) for row in rows))
     header = f"{key:<{width}}  predicted  " + "  ".join(f"{info.code:>6}" for info in infos)
     lines = [header]
     for row in rows:
         probabilities = "  ".join(f"{row[f'p_{info.code}']:6.3f}" for info in infos)
         lines.append(f"{str(row[key]):<{width}}  {row['predicted']:<9}  {probabilities}")
+    if len(shown) > limit:
+        lines.append(f"... and {len(shown) - limit} more rows in the CSV file")
     return "\n".join(lines)

@@ -53,7 +53,8 @@ def reproduce_main(args: list[str]) -> int:
         default=None,
         help="largest accepted absolute difference per metric (default: the experiment's, or 0 for a run id)",
     )
-    options = parser.parse_args(args)
+    # Flags may come before or after the overrides.
+    options = parser.parse_intermixed_args(args)
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
@@ -195,10 +196,10 @@ def compare_metrics(reported: DictConfig, reproduced: dict[str, float], toleranc
 def format_table(rows: list[dict]) -> str:
     """Format comparison rows as a fixed-width text table."""
     width = max([len("metric")] + [len(row["metric"]) for row in rows])
-    lines = [f"{'metric':<{width}}  {'reported':>10}  {'reproduced':>10}  {'difference':>10}  within tolerance"]
+    lines = [f"{'metric':<{width}}  {'expected':>10}  {'reproduced':>10}  {'difference':>10}  within tolerance"]
     for row in rows:
         lines.append(
-            f"{row['metric']:<{width}}  {row['reported']:>10}  {row['reproduced']:>10.4f}  {row['difference']:>+10.4f}  "
+            f"{row['metric']:<{width}}  {row['reported']:>10}  {row['reproduced']:>10.4f}  {round(row['difference'], 4) + 0.0:>+10.4f}  "
             f"{'yes' if row['passed'] else 'NO'}"
         )
     return "\n".join(lines)

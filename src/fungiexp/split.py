@@ -156,9 +156,10 @@ def _assign_groups(members, majority, fractions, seed: int, group_by: str) -> di
                 filled[side] += size
             side_of_group[group] = side
         if len(groups) < 3:
+            code = members[groups[0]][0].code if groups else str(label)
             log.warning(
-                "Class label %d has only %d groups at level %s; some splits get none of its images",
-                label,
+                "Class %s has only %d groups at level %s; some splits get none of its images",
+                code,
                 len(groups),
                 group_by,
             )
