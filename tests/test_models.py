@@ -79,7 +79,7 @@ def test_backbone_setting_on_small_cnn_raises(fine_tune):
 
 
 def test_vgg16_too_small_image_raises():
-    with pytest.raises(ConfigError, match=r"dataset.image_size: VGG16 needs at least 32x32 pixels; got \[16, 16\]"):
+    with pytest.raises(ConfigError, match=r"dataset.image_size: model=vgg16 needs at least 32x32 pixels; got \[16, 16\]"):
         build("model=vgg16", "model.weights=null", image_size=(16, 16))
 
 

@@ -15,14 +15,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fungiexp.errors import ConfigError
+from fungiexp.validate import check_model
 
 log = logging.getLogger(__name__)
 
-MODELS = ("vgg16", "small_cnn")
-PREPROCESSING = ("auto", "vgg16", "rescale")
-HEADS = ("flatten", "gap")
-# VGG16 applies five 2x2 max-pools, so smaller inputs leave no pixels.
-VGG16_MIN_SIZE = 32
 
 
 # ImageNet channel means in BGR order, as keras.applications.vgg16.preprocess_input subtracts them.
@@ -63,8 +59,6 @@ def preprocessing_layer(mode: str) -> keras.layers.Layer:
 def resolve_preprocessing(model_cfg: DictConfig) -> str:
     """Return the preprocessing mode for ``model_cfg``, warning on a mismatch with ImageNet weights."""
     mode = str(model_cfg.preprocessing)
-    if mode not in PREPROCESSING:
-        raise ConfigError("model.preprocessing", f"must be one of {', '.join(PREPROCESSING)}; got {mode!r}.")
     if mode == "auto":
         mode = "vgg16" if model_cfg.name == "vgg16" else "rescale"
     if model_cfg.get("weights") == "imagenet" and mode != "vgg16":
@@ -82,8 +76,9 @@ def build_model(model_cfg: DictConfig, fine_tune_cfg: DictConfig, num_classes: i
     Raises:
         ConfigError: For an unknown model or head, a fine-tune setting that
             does not apply to the model, a too-small image size, or a weights
-            file that does not exist.
+            file that does not exist (see ``validate.check_model``).
     """
+    check_model(model_cfg, fine_tune_cfg, image_size)
     name = str(model_cfg.name)
     height, width = (int(side) for side in image_size)
     input_shape = (height, width, 3)
@@ -91,10 +86,8 @@ def build_model(model_cfg: DictConfig, fine_tune_cfg: DictConfig, num_classes: i
 
     if name == "vgg16":
         model = _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing)
-    elif name == "small_cnn":
-        model = _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing)
     else:
-        raise ConfigError("model.name", f"must be one of {', '.join(MODELS)}; got {name!r}.")
+        model = _build_small_cnn(model_cfg, num_classes, input_shape, preprocessing)
 
     trainable, frozen = count_parameters(model)
     log.info("Model %s: %d trainable and %d frozen parameters", name, trainable, frozen)
@@ -109,11 +102,6 @@ def count_parameters(model: keras.Model) -> tuple[int, int]:
 
 
 def _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing) -> keras.Model:
-    if min(input_shape[:2]) < VGG16_MIN_SIZE:
-        raise ConfigError(
-            "dataset.image_size",
-            f"VGG16 needs at least {VGG16_MIN_SIZE}x{VGG16_MIN_SIZE} pixels; got {list(input_shape[:2])}.",
-        )
     weights = _resolve_weights(model_cfg.weights)
     try:
         base = keras.applications.VGG16(include_top=False, weights=weights, input_shape=input_shape)
@@ -143,24 +131,9 @@ def _build_vgg16(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessi
     return keras.Model(inputs, outputs, name="vgg16_classifier")
 
 
-def _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preprocessing) -> keras.Model:
-    if fine_tune_cfg.name != "all" or fine_tune_cfg.frozen or fine_tune_cfg.trainable_from:
-        raise ConfigError(
-            "fine_tune",
-            f"fine_tune={fine_tune_cfg.name} does not apply to model=small_cnn, which has no "
-            "pretrained backbone to freeze. Use fine_tune=all, or model=vgg16.",
-        )
+def _build_small_cnn(model_cfg, num_classes, input_shape, preprocessing) -> keras.Model:
     blocks = [list(block) for block in model_cfg.blocks]
-    if not blocks or any(not block for block in blocks):
-        raise ConfigError("model.blocks", f"must be a non-empty list of non-empty lists of filter counts; got {blocks}.")
     kernel = int(model_cfg.kernel_size)
-    downsampling = 2 ** (len(blocks) - 1)
-    if min(input_shape[:2]) < downsampling:
-        raise ConfigError(
-            "dataset.image_size",
-            f"model.blocks pools {len(blocks) - 1} times, so images need at least "
-            f"{downsampling}x{downsampling} pixels; got {list(input_shape[:2])}.",
-        )
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = preprocessing_layer(preprocessing)(inputs)
@@ -179,11 +152,6 @@ def _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preproc
     model = keras.Model(inputs, outputs, name="small_cnn")
 
     weights = _resolve_weights(model_cfg.weights)
-    if weights == "imagenet":
-        raise ConfigError(
-            "model.weights",
-            "small_cnn has no ImageNet weights; set model.weights=null or a path to a weights file of this architecture.",
-        )
     if weights is not None:
         model.load_weights(weights)
         log.info("small_cnn weights: %s", weights)
@@ -191,23 +159,14 @@ def _build_small_cnn(model_cfg, fine_tune_cfg, num_classes, input_shape, preproc
 
 
 def _head(x, head_cfg: DictConfig, activation: str, num_classes: int):
-    head_type = str(head_cfg.type)
-    if head_type == "flatten":
+    if head_cfg.type == "flatten":
         x = keras.layers.Flatten(name="flatten")(x)
-    elif head_type == "gap":
-        x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
     else:
-        raise ConfigError("model.head.type", f"must be one of {', '.join(HEADS)}; got {head_type!r}.")
-    units = int(head_cfg.dense_units)
-    if units < 0:
-        raise ConfigError("model.head.dense_units", f"must be 0 (no dense layer) or positive; got {units}.")
-    if units:
-        x = keras.layers.Dense(units, activation=activation, name="dense")(x)
-    rate = float(head_cfg.dropout)
-    if not 0.0 <= rate < 1.0:
-        raise ConfigError("model.head.dropout", f"must be in [0, 1); got {rate}.")
-    if rate:
-        x = keras.layers.Dropout(rate, name="dropout")(x)
+        x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+    if head_cfg.dense_units:
+        x = keras.layers.Dense(int(head_cfg.dense_units), activation=activation, name="dense")(x)
+    if head_cfg.dropout:
+        x = keras.layers.Dropout(float(head_cfg.dropout), name="dropout")(x)
     # The output stays float32 so that softmax is stable under mixed precision.
     return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
 
@@ -215,13 +174,7 @@ def _head(x, head_cfg: DictConfig, activation: str, num_classes: int):
 def _resolve_weights(weights) -> str | None:
     if weights is None or weights == "imagenet":
         return weights
-    path = Path(str(weights)).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            "model.weights",
-            f"weights file {path} not found. Set model.weights to imagenet, null, or an existing weights file.",
-        )
-    return str(path)
+    return str(Path(str(weights)).expanduser())
 
 
 def _apply_fine_tune(base: keras.Model, fine_tune_cfg: DictConfig, model_name: str) -> None:
@@ -240,13 +193,6 @@ def _apply_fine_tune(base: keras.Model, fine_tune_cfg: DictConfig, model_name: s
     first = fine_tune_cfg.trainable_from
     if first:
         names = [layer.name for layer in base.layers]
-        if first not in names:
-            candidates = [layer for layer in names if layer.endswith("_conv1")]
-            raise ConfigError(
-                "fine_tune.trainable_from",
-                f"layer {first!r} (fine_tune={name}) does not exist in model={model_name}; "
-                f"valid first layers are {', '.join(candidates)}.",
-            )
         index = names.index(first)
         for layer in base.layers[:index]:
             layer.trainable = False

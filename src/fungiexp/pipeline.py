@@ -15,11 +15,10 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from fungiexp.errors import ConfigError
 from fungiexp.images import ImageRecord, read_rgb
+from fungiexp.validate import check_augmentation
 
 AUTOTUNE = tf.data.AUTOTUNE
-FILL_MODES = ("reflect", "wrap", "nearest", "constant")
 
 
 def load_image(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
@@ -131,12 +130,8 @@ def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int)
         ConfigError: For a negative strength, an unknown fill mode, or 90-degree
             rotations of non-square images.
     """
-    for key in ("rotation_degrees", "width_shift", "height_shift", "zoom", "brightness", "contrast"):
-        if float(aug_cfg[key]) < 0:
-            raise ConfigError(f"augmentation.{key}", f"must be 0 or positive; got {aug_cfg[key]}.")
+    check_augmentation(aug_cfg, image_size)
     fill_mode = str(aug_cfg.fill_mode)
-    if fill_mode not in FILL_MODES:
-        raise ConfigError("augmentation.fill_mode", f"must be one of {', '.join(FILL_MODES)}; got {fill_mode!r}.")
 
     layers: list[keras.layers.Layer] = []
     flip = {
@@ -147,12 +142,6 @@ def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int)
     if flip:
         layers.append(keras.layers.RandomFlip(flip, seed=seed))
     if aug_cfg.rot90:
-        if image_size[0] != image_size[1]:
-            raise ConfigError(
-                "augmentation.rot90",
-                f"needs square images; dataset.image_size is {list(image_size)}. "
-                "Set augmentation.rot90=false or make the image size square.",
-            )
         layers.append(RandomRot90(seed=seed + 1))
     if aug_cfg.rotation_degrees > 0:
         layers.append(keras.layers.RandomRotation(float(aug_cfg.rotation_degrees) / 360.0, fill_mode=fill_mode, seed=seed + 2))

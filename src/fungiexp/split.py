@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from fungiexp.errors import ConfigError, DataError, SourceNotFoundError
 from fungiexp.images import ImageRecord, group_key
+from fungiexp.validate import check_split
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def split_records(
         DataError: If a manifest does not match the files, or a group ends
             up on two sides.
     """
+    check_split(split_cfg)
     group_by = str(split_cfg.group_by)
     if split_cfg.get("manifest"):
         splits = splits_from_manifest(records, Path(str(split_cfg.manifest)))
@@ -57,22 +59,9 @@ def split_records(
 
     val_fraction = float(split_cfg.val_fraction)
     test_fraction = float(split_cfg.test_fraction)
-    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"dataset.split.{key}", f"must be between 0 and 1 (exclusive); got {value}.")
-    if val_fraction + test_fraction >= 1.0:
-        raise ConfigError(
-            "dataset.split",
-            f"val_fraction + test_fraction must be below 1 to leave training images; "
-            f"got {val_fraction} + {test_fraction}.",
-        )
     folds = split_cfg.get("folds")
     if folds is not None:
         folds, fold = int(folds), int(split_cfg.fold)
-        if folds < 2:
-            raise ConfigError("dataset.split.folds", f"must be null (no folds) or at least 2; got {folds}.")
-        if not 0 <= fold < folds:
-            raise ConfigError("dataset.split.fold", f"must be in 0..{folds - 1} for {folds} folds; got {fold}.")
     if group_by == "none":
         log.warning(
             "dataset.split.group_by=none splits single patches: patches of one microscope image "

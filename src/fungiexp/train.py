@@ -189,8 +189,6 @@ def build_optimizer(optimizer_cfg: DictConfig) -> keras.optimizers.Optimizer:
     """Build the Keras optimizer that ``optimizer`` describes."""
     name = str(optimizer_cfg.name)
     lr = float(optimizer_cfg.lr)
-    if lr <= 0:
-        raise ConfigError("optimizer.lr", f"must be positive; got {lr}.")
     weight_decay = optimizer_cfg.get("weight_decay")
     if name == "adam":
         return keras.optimizers.Adam(

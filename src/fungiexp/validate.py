@@ -46,8 +46,8 @@ def validate_config(cfg: DictConfig) -> None:
     """
     _check_schema(cfg)
     _check_dataset(cfg.dataset)
-    _check_augmentation(cfg.augmentation, cfg.dataset.image_size)
-    _check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
+    check_augmentation(cfg.augmentation, cfg.dataset.image_size)
+    check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
     _check_optimizer(cfg.optimizer)
     _check_trainer(cfg.trainer)
 
@@ -109,20 +109,7 @@ def _check_dataset(dataset: DictConfig) -> None:
             raise ConfigError(f"dataset.{key}", f"is not a valid regular expression ({error}); got {pattern!r}.") from None
 
     split = dataset.split
-    choice("dataset.split.group_by", split.group_by, GROUP_LEVELS)
-    for key in ("val_fraction", "test_fraction"):
-        if not 0.0 < split[key] < 1.0:
-            raise ConfigError(f"dataset.split.{key}", f"must be between 0 and 1 (exclusive); got {split[key]}.")
-    if split.val_fraction + split.test_fraction >= 1.0:
-        raise ConfigError(
-            "dataset.split",
-            f"val_fraction + test_fraction must be below 1; got {split.val_fraction} + {split.test_fraction}.",
-        )
-    if split.folds is not None:
-        if split.folds < 2:
-            raise ConfigError("dataset.split.folds", f"must be null (no folds) or at least 2; got {split.folds}.")
-        if not 0 <= split.fold < split.folds:
-            raise ConfigError("dataset.split.fold", f"must be in 0..{split.folds - 1} for {split.folds} folds; got {split.fold}.")
+    check_split(split)
     if split.manifest is not None and not Path(split.manifest).is_file():
         raise ConfigError("dataset.split.manifest", f"file {split.manifest} not found; give the split.csv of an earlier run or null.")
 
@@ -136,6 +123,25 @@ def _check_dataset(dataset: DictConfig) -> None:
         )
     if root.is_dir():
         _check_class_folders(dataset, root)
+
+
+def check_split(split: DictConfig) -> None:
+    """Raise ConfigError for an invalid grouping level, fractions or fold settings of ``dataset.split``."""
+    choice("dataset.split.group_by", split.group_by, GROUP_LEVELS)
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 < split[key] < 1.0:
+            raise ConfigError(f"dataset.split.{key}", f"must be between 0 and 1 (exclusive); got {split[key]}.")
+    if split.val_fraction + split.test_fraction >= 1.0:
+        raise ConfigError(
+            "dataset.split",
+            f"val_fraction + test_fraction must be below 1 to leave training images; "
+            f"got {split.val_fraction} + {split.test_fraction}.",
+        )
+    if split.get("folds") is not None:
+        if split.folds < 2:
+            raise ConfigError("dataset.split.folds", f"must be null (no folds) or at least 2; got {split.folds}.")
+        if not 0 <= split.fold < split.folds:
+            raise ConfigError("dataset.split.fold", f"must be in 0..{split.folds - 1} for {split.folds} folds; got {split.fold}.")
 
 
 def _check_class_folders(dataset: DictConfig, root: Path) -> None:
@@ -155,7 +161,8 @@ def _check_class_folders(dataset: DictConfig, root: Path) -> None:
         )
 
 
-def _check_augmentation(augmentation: DictConfig, image_size) -> None:
+def check_augmentation(augmentation: DictConfig, image_size) -> None:
+    """Raise ConfigError for a negative or too large strength, an unknown fill mode or rot90 on non-square images."""
     for key in ("rotation_degrees", "width_shift", "height_shift", "zoom", "brightness", "contrast"):
         if augmentation[key] < 0:
             raise ConfigError(f"augmentation.{key}", f"must be 0 or positive; got {augmentation[key]}.")
@@ -170,7 +177,8 @@ def _check_augmentation(augmentation: DictConfig, image_size) -> None:
         )
 
 
-def _check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
+def check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
+    """Raise ConfigError for an unknown model, head or preprocessing, missing weights, a too small image or a fine-tune setting the model lacks."""
     choice("model.name", model.name, MODELS)
     choice("model.preprocessing", model.preprocessing, PREPROCESSING)
     choice("model.head.type", model.head.type, HEADS)
