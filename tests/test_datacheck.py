@@ -25,7 +25,7 @@ def save(image: Image.Image, path, format_name: str) -> None:
 
 @pytest.fixture
 def bad_root(tmp_path):
-    """A synthetic data set with one file of every problem kind the check knows."""
+    """A synthetic data set with one file of every problem kind the check reports."""
     root = write_synthetic_dataset(tmp_path / "bad", source_images=4, patches=2, size=16)
     tsh = root / "TSH"
     (tsh / "H1_20a_1.jpg").write_bytes(b"")

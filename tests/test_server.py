@@ -161,9 +161,9 @@ def test_ui_shows_sweep_runs_in_chromium(store, quick_overrides, tmp_path, reque
         finally:
             process.terminate()
             process.communicate(timeout=30)
-    # MLflow 3.17 shows child runs collapsed under their parent, so the
-    # rendered page names the sweep's parent run; the children are checked
-    # through the same store.
+    # MLflow 3.17 shows child runs collapsed under their parent run. So the
+    # rendered page is checked for the sweep's parent run, and the children
+    # are checked through the same store.
     assert "Runs - Experiment" in page
     assert "augmentation=none,notebook" in page
     client = MlflowClient(tracking_uri=uri)

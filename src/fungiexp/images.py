@@ -130,14 +130,14 @@ def find_class_root(root: Path, folders: list[str], max_depth: int = 4) -> Path 
     search goes down up to ``max_depth`` levels. Returns None if no level
     contains any of them.
     """
-    wanted = set(folders)
+    expected = set(folders)
     best, best_hits = None, 0
     frontier = [root]
     for _ in range(max_depth + 1):
         next_frontier = []
         for folder in frontier:
             children = [child for child in sorted(folder.iterdir()) if child.is_dir()]
-            hits = sum(child.name in wanted for child in children)
+            hits = sum(child.name in expected for child in children)
             if hits > best_hits:
                 best, best_hits = folder, hits
             next_frontier.extend(child for child in children if not child.name.startswith("."))

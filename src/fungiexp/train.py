@@ -145,8 +145,8 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
         ConfigError: If the run does not exist, already finished, or has no checkpoint.
     """
     client = MlflowClient()
-    wanted = str(cfg.trainer.resume)
-    if wanted == "last":
+    requested = str(cfg.trainer.resume)
+    if requested == "last":
         candidates = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
         unfinished = [run for run in candidates if run.info.status in ("KILLED", "FAILED") and CHECKPOINT_TAG in run.data.tags]
         if not unfinished:
@@ -158,9 +158,9 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
         run = unfinished[0]
     else:
         try:
-            run = client.get_run(wanted)
+            run = client.get_run(requested)
         except MlflowException as error:
-            raise ConfigError("trainer.resume", f"run {wanted!r} not found in {mlflow.get_tracking_uri()}.") from error
+            raise ConfigError("trainer.resume", f"run {requested!r} not found in {mlflow.get_tracking_uri()}.") from error
     if run.info.status == "FINISHED":
         raise ConfigError("trainer.resume", f"run {run.info.run_id} already finished; nothing to resume.")
     directory = Path(run.data.tags.get(CHECKPOINT_TAG, ""))
@@ -287,7 +287,7 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
 
 
 def _log_explanations(cfg, model, data: PreparedData, datasets, test_probabilities, names, title) -> None:
-    """Log the Grad-CAM grid, augmentation preview and error gallery that ``tracking.figures`` asks for."""
+    """Log the Grad-CAM grid, augmentation preview and error gallery that ``tracking.figures`` turns on."""
     figures = cfg.tracking.figures
     if not (figures.gradcam or figures.augmentation_preview or figures.error_gallery):
         return
