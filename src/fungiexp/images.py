@@ -218,10 +218,10 @@ def scan_images(dataset_cfg: DictConfig, root: Path, exclude: set[str] | frozens
             )
 
     if unmatched:
-        shown = ", ".join(unmatched[:5])
+        first_files = ", ".join(unmatched[:5])
         raise DataError(
             f"{len(unmatched)} file names under {class_root} do not match "
-            f"dataset.split.group_pattern={dataset_cfg.split.group_pattern!r} (first: {shown}). "
+            f"dataset.split.group_pattern={dataset_cfg.split.group_pattern!r} (first: {first_files}). "
             "Adapt the pattern to these names, or rename the files."
         )
     if hidden:
@@ -279,18 +279,18 @@ def limit_per_class(records: list[ImageRecord], limit: int, group_by: str, seed:
     for record in records:
         by_class.setdefault(record.label, {}).setdefault(group_key(record, group_by), []).append(record)
 
-    kept: list[ImageRecord] = []
+    selected: list[ImageRecord] = []
     for label in sorted(by_class):
         groups = sorted(by_class[label])
         rng.shuffle(groups)
-        taken = 0
+        count = 0
         for group in groups:
-            if taken >= limit:
+            if count >= limit:
                 break
-            kept.extend(by_class[label][group])
-            taken += len(by_class[label][group])
-    kept.sort(key=lambda record: record.path)
-    return kept
+            selected.extend(by_class[label][group])
+            count += len(by_class[label][group])
+    selected.sort(key=lambda record: record.path)
+    return selected
 
 
 def group_key(record: ImageRecord, group_by: str) -> str:

@@ -124,18 +124,21 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
-    folder = tempfile.mkdtemp(prefix="fungiexp-predict-")
-    try:
-        model_path = client.download_artifacts(run_id, "model/model.keras", folder)
-        config_path = client.download_artifacts(run_id, "config/resolved.yaml", folder)
-    except (MlflowException, OSError) as error:
-        raise ConfigError(
-            "run id", f"run {run_id} has no logged model (model/model.keras); it ran with tracking.log_model=false or did not finish."
-        ) from error
-    log.info("Loading the model of run %s from %s", run_id, tracking_uri)
-    model = keras.saving.load_model(model_path, safe_mode=True)
+    # The downloads are only needed while loading, so they go into a folder that is removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="fungiexp-predict-") as folder:
+        try:
+            model_path = client.download_artifacts(run_id, "model/model.keras", folder)
+            config_path = client.download_artifacts(run_id, "config/resolved.yaml", folder)
+        except (MlflowException, OSError) as error:
+            raise ConfigError(
+                "run id",
+                f"run {run_id} has no logged model (model/model.keras); it ran with tracking.log_model=false or did not finish.",
+            ) from error
+        log.info("Loading the model of run %s from %s", run_id, tracking_uri)
+        model = keras.saving.load_model(model_path, safe_mode=True)
+        config = OmegaConf.load(config_path)
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    return model, OmegaConf.load(config_path)
+    return model, config
 
 
 def _prediction_rows(paths, probabilities, infos) -> list[dict]:
