@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fungiexp import evaluate
 from fungiexp.evaluate import evaluate_predictions, macro_f1
 
 
@@ -31,3 +32,50 @@ def test_confusion_counts_sum_to_test_size():
     assert result["confusion"].sum() == 40
     assert result["confusion"].shape == (5, 5)
     assert result["macro_f1"] == pytest.approx(macro_f1(y_true, probabilities, 5))
+
+
+def _grouped_predictions(groups: int, patches: int, seed: int):
+    """Labels and predictions of ``groups`` source images of ``patches`` patches, about 70% right."""
+    rng = np.random.default_rng(seed)
+    y_true = np.repeat(np.arange(groups) % 3, patches)
+    wrong = rng.random(groups * patches) < 0.3
+    y_pred = np.where(wrong, (y_true + 1) % 3, y_true)
+    names = [f"img{index // patches}" for index in range(groups * patches)]
+    return y_true, y_pred, names
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_groups():
+    codes = ["H1", "H2", "H3"]
+    widths = []
+    for groups in (12, 120):
+        y_true, y_pred, names = _grouped_predictions(groups, patches=5, seed=groups)
+        point = evaluate.evaluate_predictions(y_true, np.eye(3)[y_pred], codes)
+        intervals = evaluate.bootstrap_intervals(y_true, y_pred, names, codes, resamples=2000, seed=0)
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+            low, high = intervals[name]
+            assert low <= point[name] <= high, (groups, name)
+        for code in codes:
+            low, high = intervals[f"{code}/recall"]
+            assert low <= point["per_class"][code]["recall"] <= high
+        widths.append(intervals["accuracy"][1] - intervals["accuracy"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def test_bootstrap_resamples_whole_groups_not_patches():
+    # Each source image is all right or all wrong: resampling patches would
+    # make the interval far too narrow; resampling images keeps it wide.
+    codes = ["H1", "H2"]
+    y_true = np.repeat([0, 1] * 5, 20)
+    right = np.repeat([True, False] * 2 + [True] * 6, 20)
+    y_pred = np.where(right, y_true, 1 - y_true)
+    grouped = evaluate.bootstrap_intervals(y_true, y_pred, [str(i // 20) for i in range(200)], codes, resamples=2000, seed=1)
+    by_patch = evaluate.bootstrap_intervals(y_true, y_pred, [str(i) for i in range(200)], codes, resamples=2000, seed=1)
+    width = lambda bounds: bounds[1] - bounds[0]  # noqa: E731
+    assert width(grouped["accuracy"]) > 3 * width(by_patch["accuracy"])
+
+
+def test_bootstrap_is_reproducible_from_its_seed():
+    y_true, y_pred, names = _grouped_predictions(20, patches=3, seed=3)
+    first = evaluate.bootstrap_intervals(y_true, y_pred, names, ["H1", "H2", "H3"], resamples=200, seed=7)
+    again = evaluate.bootstrap_intervals(y_true, y_pred, names, ["H1", "H2", "H3"], resamples=200, seed=7)
+    assert first == again

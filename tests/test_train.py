@@ -236,3 +236,72 @@ def test_manifest_run_uses_same_test_set(make_config, tmp_path):
     _, rerun = stored_run(second)
     assert rerun.data.tags["fungiexp.data.split_sha256"] == run.data.tags["fungiexp.data.split_sha256"]
     assert rerun.data.params["data.test_images"] == run.data.params["data.test_images"]
+
+
+def test_from_scratch_recipe_options_run_and_log_intervals(make_config):
+    cfg = make_config(
+        "trainer.epochs=2",
+        "model.batch_norm=true",
+        "model.head.type=gap",
+        "optimizer=adamw",
+        "trainer.label_smoothing=0.1",
+        "trainer.monitor=val_macro_f1",
+        "trainer.precision=mixed_bfloat16",
+        "evaluation.tta=true",
+        "evaluation.bootstrap.resamples=200",
+    )
+    result = train(cfg)
+    client, run = stored_run(result)
+
+    assert run.info.status == "FINISHED"
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "val/macro_f1")] == [1, 2]
+    metrics = run.data.metrics
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "H1/recall"):
+        assert metrics[f"test/{name}_ci_low"] <= metrics[f"test/{name}"] <= metrics[f"test/{name}_ci_high"], name
+    assert run.data.tags["fungiexp.bootstrap.unit"] == "source_image"
+    assert "intervals" in result["test"]
+    # The next job of a sweep starts in float32 again.
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_selection_never_reads_the_test_split(make_config, monkeypatch, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    from fungiexp import train as train_module
+
+    reads = []
+    phase = {"fitting": False}
+    real_make_dataset = train_module.make_dataset
+
+    def spying_make_dataset(records, *args, **kwargs):
+        files = frozenset(str(record.path) for record in records)
+
+        def note(images, labels):
+            token = tf.numpy_function(lambda: (reads.append((files, phase["fitting"])), np.int32(0))[1], [], tf.int32)
+            with tf.control_dependencies([token]):
+                return tf.identity(images), labels
+
+        return real_make_dataset(records, *args, **kwargs).map(note)
+
+    real_fit = keras.Model.fit
+
+    def spying_fit(self, *args, **kwargs):
+        phase["fitting"] = True
+        try:
+            return real_fit(self, *args, **kwargs)
+        finally:
+            phase["fitting"] = False
+
+    monkeypatch.setattr(train_module, "make_dataset", spying_make_dataset)
+    monkeypatch.setattr(keras.Model, "fit", spying_fit)
+    result = train(make_config("trainer.epochs=3", "trainer.monitor=val_macro_f1", "trainer.early_stopping.patience=1", "augmentation=none"))
+
+    client, run = stored_run(result)
+    rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "data/split.csv", tmp_path))))
+    split_files = {name: frozenset(row["path"] for row in rows if row["split"] == name) for name in ("train", "val", "test")}
+    during_fit = {files for files, fitting in reads if fitting}
+    after_fit = {files for files, fitting in reads if not fitting}
+    assert split_files["val"] in during_fit
+    assert split_files["test"] not in during_fit
+    assert split_files["test"] in after_fit

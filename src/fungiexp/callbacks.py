@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 
 from fungiexp.tracking import metric_name
 
@@ -40,11 +41,47 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         mlflow.log_metrics(metrics, step=epoch + 1)
 
 
+class ValidationScores(keras.callbacks.Callback):
+    """Score the validation split after every epoch: ``val_loss``, ``val_accuracy`` and ``val_macro_f1``.
+
+    One prediction pass gives all three, so Keras's own validation pass is
+    not needed (``fit`` gets no ``validation_data``). The scores go into the
+    epoch logs before the callbacks that log metrics and pick the best epoch,
+    so ``trainer.monitor`` can select on any of them. This callback is given
+    the validation split only: selection never sees the test split.
+
+    Args:
+        dataset: Batched (image, label) dataset of the validation split.
+        labels: Integer labels of that split, in the dataset's order.
+        num_classes: Number of classes.
+        loss: The training loss; given one-hot labels when ``one_hot`` is set.
+        one_hot: Whether ``loss`` expects one-hot labels (label smoothing).
+    """
+
+    def __init__(self, dataset, labels, num_classes: int, loss, one_hot: bool = False):
+        super().__init__()
+        self.dataset = dataset
+        self.labels = np.asarray(labels)
+        self.num_classes = num_classes
+        self.loss = loss
+        self.targets = np.eye(num_classes, dtype="float32")[self.labels] if one_hot else self.labels
+
+    def on_epoch_end(self, epoch, logs=None):
+        from fungiexp.evaluate import macro_f1
+
+        probabilities = self.model.predict(self.dataset, verbose=0)
+        if logs is None:
+            return
+        logs["val_loss"] = float(keras.ops.convert_to_numpy(self.loss(self.targets, probabilities)))
+        logs["val_accuracy"] = float(np.mean(np.argmax(probabilities, axis=1) == self.labels))
+        logs["val_macro_f1"] = macro_f1(self.labels, probabilities, self.num_classes)
+
+
 class BestEpoch(keras.callbacks.Callback):
     """Track the best epoch by a validation metric, stop early, and restore its weights at the end.
 
     Args:
-        monitor: Keras log key, ``val_loss`` (lower is better) or ``val_accuracy``.
+        monitor: Epoch log key: ``val_loss`` (lower is better), ``val_accuracy`` or ``val_macro_f1``.
         patience: Epochs without improvement before stopping; None never stops.
         min_delta: Smallest change that counts as an improvement.
         restore_best: Set the best epoch's weights when training ends.

@@ -91,3 +91,67 @@ def group_scores(records, probabilities: np.ndarray, num_classes: int, level: st
         "macro_f1": float(f1_score(labels, predictions, labels=list(range(num_classes)), average="macro", zero_division=0)),
         "count": len(groups),
     }
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    groups: list[str],
+    class_codes: list[str],
+    resamples: int,
+    seed: int,
+    confidence: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals that resample whole groups (source images), not patches.
+
+    Patches of one microscope image are not independent: resampling them one
+    by one would give intervals that are too narrow. Each resample draws as
+    many groups as there are, with replacement, and scores all their patches.
+
+    Args:
+        y_true: Integer labels, shape (n,).
+        y_pred: Predicted labels, shape (n,).
+        groups: Group of each patch (for example its source image), length n.
+        class_codes: Class codes in label order.
+        resamples: Number of bootstrap resamples.
+        seed: Seed of the resampling.
+        confidence: Coverage of the intervals, for example 0.95.
+
+    Returns:
+        For ``accuracy``, ``balanced_accuracy``, ``macro_f1`` and
+        ``<code>/recall`` of each class: (low, high).
+    """
+    k = len(class_codes)
+    names, group_index = np.unique(np.asarray(groups), return_inverse=True)
+    # One confusion matrix per group, flattened: the resampled confusion matrix
+    # is then a weighted sum of them, with the draw counts as weights.
+    per_group = np.zeros((len(names), k * k))
+    np.add.at(per_group, (group_index, np.asarray(y_true) * k + np.asarray(y_pred)), 1)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=resamples)
+    confusion = (counts @ per_group).reshape(resamples, k, k)
+
+    true_totals = confusion.sum(axis=2)
+    predicted_totals = confusion.sum(axis=1)
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = hits / true_totals
+        precision = np.where(predicted_totals > 0, hits / predicted_totals, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = true_totals > 0
+    # A class that a resample happens to leave out has an undefined recall; it
+    # is left out of that resample's averages, as scikit-learn's
+    # balanced accuracy does, and of that class's interval.
+    scores = {
+        "accuracy": hits.sum(axis=1) / confusion.sum(axis=(1, 2)),
+        "balanced_accuracy": np.nanmean(np.where(present, recall, np.nan), axis=1),
+        # As in evaluate_predictions, every class counts, with F1 0 where undefined.
+        "macro_f1": f1.mean(axis=1),
+    }
+    for index, code in enumerate(class_codes):
+        scores[f"{code}/recall"] = recall[present[:, index], index]
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    return {
+        name: (float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))) if len(values) else (float("nan"), float("nan"))
+        for name, values in scores.items()
+    }

@@ -137,24 +137,31 @@ def _build_small_cnn(model_cfg, num_classes, input_shape, preprocessing) -> kera
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = preprocessing_layer(preprocessing)(inputs)
+    batch_norm = bool(model_cfg.get("batch_norm", False))
+    stem_stride = int(model_cfg.get("stem_stride", 1))
     for block_index, filters in enumerate(blocks, start=1):
         for conv_index, count in enumerate(filters, start=1):
-            x = keras.layers.Conv2D(
-                int(count),
-                kernel,
-                padding="same",
-                activation=str(model_cfg.activation),
-                name=f"block{block_index}_conv{conv_index}",
-            )(x)
+            name = f"block{block_index}_conv{conv_index}"
+            # The first convolution may stride, halving the image at a quarter of the cost.
+            strides = stem_stride if (block_index, conv_index) == (1, 1) else 1
+            if batch_norm:
+                # Convolution, normalisation, then activation; the normalisation's shift replaces the bias.
+                x = keras.layers.Conv2D(int(count), kernel, strides=strides, padding="same", use_bias=False, name=name)(x)
+                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = keras.layers.Activation(str(model_cfg.activation), name=f"{name}_act")(x)
+            else:
+                x = keras.layers.Conv2D(
+                    int(count), kernel, strides=strides, padding="same", activation=str(model_cfg.activation), name=name
+                )(x)
         if block_index < len(blocks):
             x = keras.layers.MaxPooling2D(2, name=f"block{block_index}_pool")(x)
     outputs = _head(x, model_cfg.head, str(model_cfg.activation), num_classes)
-    model = keras.Model(inputs, outputs, name="small_cnn")
+    model = keras.Model(inputs, outputs, name=str(model_cfg.name))
 
     weights = _resolve_weights(model_cfg.weights)
     if weights is not None:
         model.load_weights(weights)
-        log.info("small_cnn weights: %s", weights)
+        log.info("%s weights: %s", model_cfg.name, weights)
     return model
 
 

@@ -80,6 +80,8 @@ class ModelSchema:
     blocks: Optional[List[List[int]]] = None
     kernel_size: int = 3
     activation: str = "relu"
+    batch_norm: bool = False
+    stem_stride: int = 1
 
 
 @dataclass
@@ -87,7 +89,10 @@ class OptimizerSchema:
     name: str = "???"
     lr: float = 1e-4
     weight_decay: Optional[float] = None
-    # adam only.
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    min_lr_fraction: float = 0.0
+    # adam and adamw.
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
@@ -125,6 +130,8 @@ class TrainerSchema:
     class_weight: str = "balanced"
     objective: str = "macro_f1"
     monitor: str = "val_loss"
+    label_smoothing: float = 0.0
+    precision: str = "float32"
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     restore_best: bool = True
     strategy: str = "default"
@@ -134,6 +141,19 @@ class TrainerSchema:
     checkpoint_dir: str = "checkpoints"
     resume: Optional[str] = None
     verbose: int = 2
+
+
+@dataclass
+class BootstrapSchema:
+    resamples: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+
+@dataclass
+class EvaluationSchema:
+    tta: bool = False
+    bootstrap: BootstrapSchema = field(default_factory=BootstrapSchema)
 
 
 @dataclass
@@ -174,6 +194,7 @@ class RunSchema:
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     fine_tune: FineTuneSchema = field(default_factory=FineTuneSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     # Set by experiment files: the numbers a run should reproduce.
     reported: Optional[ReportedSchema] = None

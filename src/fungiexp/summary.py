@@ -11,20 +11,19 @@ def format_summary(result: dict) -> str:
     infos = result["class_infos"]
     support = sum(entry["support"] for entry in test["per_class"].values())
     width = max(len(info.display_name) for info in infos)
-    lines = [
-        f"Test results on {support} images",
-        f"  accuracy           {test['accuracy']:.4f}",
-        f"  balanced accuracy  {test['balanced_accuracy']:.4f}",
-        f"  macro F1           {test['macro_f1']:.4f}",
-        f"  weighted F1        {test['weighted_f1']:.4f}",
-        "",
-        f"  {'class':<{width}}  precision  recall      F1  support",
-    ]
+    intervals = test.get("intervals", {})
+    about = test.get("interval_info")
+    lines = [f"Test results on {support} images"]
+    if about:
+        lines[0] += f" ({about['confidence']:.0%} intervals: bootstrap of {about['resamples']} resamples of whole source images)"
+    for key, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")):
+        lines.append(f"  {label:<17}  {test[key]:.4f}{_interval(intervals.get(key))}")
+    lines += ["", f"  {'class':<{width}}  precision  recall      F1  support" + ("  recall interval" if intervals else "")]
     for info in infos:
         entry = test["per_class"][info.code]
         lines.append(
             f"  {info.display_name:<{width}}  {entry['precision']:9.4f}  {entry['recall']:6.4f}  "
-            f"{entry['f1']:6.4f}  {entry['support']:7d}"
+            f"{entry['f1']:6.4f}  {entry['support']:7d}{_interval(intervals.get(f'{info.code}/recall'))}"
         )
     for level, scores in test.get("groups", {}).items():
         lines.append(
@@ -38,3 +37,7 @@ def format_summary(result: dict) -> str:
         f"Open the MLflow UI: {ui_command(result['tracking_uri'])}",
     ]
     return "\n".join(lines)
+
+
+def _interval(bounds) -> str:
+    return f"  [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import shutil
@@ -23,7 +24,16 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fungiexp import evaluate, explain, plots, tracking
-from fungiexp.callbacks import BEST_WEIGHTS, LAST_MODEL, BestEpoch, EpochCheckpoint, EpochVariable, MlflowEpochLogger, read_state
+from fungiexp.callbacks import (
+    BEST_WEIGHTS,
+    LAST_MODEL,
+    BestEpoch,
+    EpochCheckpoint,
+    EpochVariable,
+    MlflowEpochLogger,
+    ValidationScores,
+    read_state,
+)
 from fungiexp.errors import ConfigError
 from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
@@ -35,7 +45,7 @@ from fungiexp.validate import validate_config
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
 
 
@@ -64,6 +74,19 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     _configure_devices(cfg.trainer)
     keras.backend.clear_session()
     gc.collect()
+    previous_policy = keras.mixed_precision.global_policy().name
+    try:
+        return _train(cfg, uri, experiment_id, resume_point, tags)
+    finally:
+        # A sweep's next job starts from the default policy unless it sets its own.
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) -> dict:
+    precision = str(cfg.trainer.precision)
+    keras.mixed_precision.set_global_policy(precision)
+    if precision != "float32":
+        log.info("trainer.precision=%s: layers compute in %s, weights and the output layer stay float32", precision, precision.split("_")[1])
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     if cfg.trainer.deterministic:
         # Also runs stateful tf.data maps (augmentation) one batch at a time, in order.
@@ -73,6 +96,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
 
     log.info("Preparing data from %s", cfg.dataset.root)
     data = prepare_data(cfg.dataset)
+    steps_per_epoch = max(1, -(-len(data.splits["train"]) // int(cfg.trainer.batch_size)))
 
     image_size = tuple(int(side) for side in cfg.dataset.image_size)
     if resume_point:
@@ -83,8 +107,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
         with _distribution_strategy(cfg.trainer).scope():
             model = build_model(cfg.model, cfg.fine_tune, len(data.codes), image_size)
             model.compile(
-                optimizer=build_optimizer(cfg.optimizer),
-                loss="sparse_categorical_crossentropy",
+                optimizer=build_optimizer(cfg.optimizer, steps_per_epoch, int(cfg.trainer.epochs)),
+                loss=build_loss(float(cfg.trainer.label_smoothing)),
                 metrics=["accuracy"],
                 jit_compile=cfg.trainer.jit_compile,
             )
@@ -185,13 +209,47 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
     return ResumePoint(run.info.run_id, config, directory, state)
 
 
-def build_optimizer(optimizer_cfg: DictConfig) -> keras.optimizers.Optimizer:
-    """Build the Keras optimizer that ``optimizer`` describes."""
-    name = str(optimizer_cfg.name)
+def build_loss(label_smoothing: float) -> keras.losses.Loss:
+    """Return the cross-entropy loss: sparse labels, or one-hot labels when ``label_smoothing`` is set.
+
+    Keras's sparse cross-entropy has no label smoothing, so with smoothing the
+    datasets carry one-hot labels (see ``_make_datasets``).
+    """
+    if label_smoothing > 0:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def learning_rate(optimizer_cfg: DictConfig, steps_per_epoch: int, epochs: int):
+    """Return the learning rate or schedule that ``optimizer`` describes.
+
+    ``schedule=cosine`` rises linearly from 0 to ``lr`` over ``warmup_epochs``
+    and then follows a cosine down to ``lr * min_lr_fraction`` at the last epoch.
+    """
     lr = float(optimizer_cfg.lr)
+    if str(optimizer_cfg.get("schedule", "constant")) == "constant":
+        return lr
+    warmup_steps = int(optimizer_cfg.warmup_epochs) * steps_per_epoch
+    total_steps = max(epochs * steps_per_epoch, warmup_steps + 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else lr,
+        decay_steps=total_steps - warmup_steps,
+        alpha=float(optimizer_cfg.min_lr_fraction),
+        warmup_target=lr if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def build_optimizer(optimizer_cfg: DictConfig, steps_per_epoch: int = 1, epochs: int = 1) -> keras.optimizers.Optimizer:
+    """Build the Keras optimizer that ``optimizer`` describes, with its learning-rate schedule."""
+    name = str(optimizer_cfg.name)
+    lr = learning_rate(optimizer_cfg, steps_per_epoch, epochs)
     weight_decay = optimizer_cfg.get("weight_decay")
-    if name == "adam":
-        return keras.optimizers.Adam(
+    if name in ("adam", "adamw"):
+        optimizer_class = keras.optimizers.AdamW if name == "adamw" else keras.optimizers.Adam
+        if name == "adamw" and weight_decay is None:
+            raise ConfigError("optimizer.weight_decay", "adamw needs a weight decay, for example 1e-4 (or use optimizer=adam).")
+        return optimizer_class(
             learning_rate=lr,
             beta_1=float(optimizer_cfg.beta_1),
             beta_2=float(optimizer_cfg.beta_2),
@@ -236,11 +294,18 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     weights = class_weights([record.label for record in splits["train"]], len(codes), str(cfg.trainer.class_weight))
     model.fit(
         train_ds,
-        validation_data=val_ds,
         epochs=int(cfg.trainer.epochs),
         initial_epoch=initial_epoch,
         class_weight=weights,
         callbacks=[
+            # First, so that the callbacks after it log and select on its scores.
+            ValidationScores(
+                val_ds,
+                [record.label for record in splits["val"]],
+                len(codes),
+                loss=build_loss(float(cfg.trainer.label_smoothing)),
+                one_hot=float(cfg.trainer.label_smoothing) > 0,
+            ),
             *_callbacks(cfg.trainer, checkpoint_dir, resume_point, augmentation_generators(augmenter)),
             EpochVariable(epoch_variable),
         ],
@@ -251,15 +316,29 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     # Read the curves back from MLflow, so that a resumed run plots every epoch.
     history = _logged_history(mlflow.active_run().info.run_id)
 
-    log.info("Evaluating on the validation and test splits")
-    val_probabilities = model.predict(val_ds, verbose=0)
+    tta = bool(cfg.evaluation.tta)
+    log.info("Evaluating on the validation and test splits%s", " with test-time augmentation (mean over 4 flipped views)" if tta else "")
+    val_probabilities = predict_probabilities(model, val_ds, tta)
     val_true = np.array([record.label for record in splits["val"]])
     val_macro_f1 = evaluate.macro_f1(val_true, val_probabilities, len(codes))
     val_accuracy = float(np.mean(np.argmax(val_probabilities, axis=1) == val_true))
     mlflow.log_metrics({"val/best_macro_f1": val_macro_f1, "val/best_accuracy": val_accuracy})
-    test_probabilities = model.predict(test_ds, verbose=0)
+    # The test split is read once, here, after training and selection have ended.
+    test_probabilities = predict_probabilities(model, test_ds, tta)
     test_true = np.array([record.label for record in splits["test"]])
     test = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
+    bootstrap = cfg.evaluation.bootstrap
+    if int(bootstrap.resamples) > 0:
+        test["intervals"] = evaluate.bootstrap_intervals(
+            test_true,
+            np.argmax(test_probabilities, axis=1),
+            [record.source_image for record in splits["test"]],
+            codes,
+            resamples=int(bootstrap.resamples),
+            seed=int(bootstrap.seed),
+            confidence=float(bootstrap.confidence),
+        )
+        test["interval_info"] = {"confidence": float(bootstrap.confidence), "resamples": int(bootstrap.resamples), "unit": "source_image"}
     _log_test_metrics(test, codes)
     test["groups"] = {
         level: evaluate.group_scores(splits["test"], test_probabilities, len(codes), level) for level in ("source_image", "sample")
@@ -400,6 +479,11 @@ def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
     )
     val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
     test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
+    if float(cfg.trainer.label_smoothing) > 0:
+        # The smoothed loss takes one-hot labels (see build_loss); validation
+        # and test labels are only read from the records.
+        classes = len(data.codes)
+        train_ds = train_ds.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
     return train_ds, val_ds, test_ds, augmenter, epoch_variable
 
 
@@ -429,6 +513,28 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, tta: bool = False) -> np.ndarray:
+    """Return the class probabilities of ``model`` on ``dataset``.
+
+    With ``tta``, the mean over four views of each image: as it is, flipped
+    left-right, flipped up-down, and both (a slide has no orientation).
+    """
+    if not tta:
+        return model.predict(dataset, verbose=0)
+    # Axes of (batch, height, width, channels) to reverse: none, width, height, both.
+    views = ((), (2,), (1,), (1, 2))
+    total = None
+    for axes in views:
+        flipped = dataset.map(functools.partial(_flip, axes=list(axes))) if axes else dataset
+        probabilities = model.predict(flipped, verbose=0)
+        total = probabilities if total is None else total + probabilities
+    return total / len(views)
+
+
+def _flip(images, labels, axes):
+    return tf.reverse(images, axes), labels
+
+
 def _log_test_metrics(test: dict, codes: list[str]) -> None:
     metrics = {
         f"test/{key}": test[key]
@@ -446,6 +552,11 @@ def _log_test_metrics(test: dict, codes: list[str]) -> None:
     for code in codes:
         for measure, value in test["per_class"][code].items():
             metrics[tracking.metric_name(f"test/{code}/{measure}")] = float(value)
+    for name, (low, high) in test.get("intervals", {}).items():
+        metrics[tracking.metric_name(f"test/{name}_ci_low")] = low
+        metrics[tracking.metric_name(f"test/{name}_ci_high")] = high
+    if "interval_info" in test:
+        mlflow.set_tags({f"fungiexp.bootstrap.{key}": str(value) for key, value in test["interval_info"].items()})
     mlflow.log_metrics(metrics)
 
 

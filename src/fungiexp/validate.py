@@ -19,11 +19,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from fungiexp.errors import ConfigError
 from fungiexp.schema import RunSchema
 
-MODELS = ("vgg16", "small_cnn")
+MODELS = ("vgg16", "small_cnn", "small_cnn_bn")
 PREPROCESSING = ("auto", "vgg16", "rescale")
 HEADS = ("flatten", "gap")
-OPTIMIZERS = ("adam", "sgd")
-MONITORS = ("val_loss", "val_accuracy")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+MONITORS = ("val_loss", "val_accuracy", "val_macro_f1")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 CLASS_WEIGHTS = ("balanced", "none")
 GROUP_LEVELS = ("source_image", "sample", "none")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -50,6 +52,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
     _check_optimizer(cfg.optimizer)
     _check_trainer(cfg.trainer)
+    _check_evaluation(cfg.evaluation)
 
 
 def _check_schema(cfg: DictConfig) -> None:
@@ -209,23 +212,26 @@ def check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
             )
         return
 
-    # small_cnn
+    # small_cnn and small_cnn_bn
     if fine_tune.name != "all" or fine_tune.frozen or fine_tune.trainable_from:
         raise ConfigError(
             "fine_tune",
-            f"fine_tune={fine_tune.name} does not apply to model=small_cnn, which has no pretrained backbone "
+            f"fine_tune={fine_tune.name} does not apply to model={model.name}, which has no pretrained backbone "
             "to freeze. Use fine_tune=all, or model=vgg16.",
         )
     if weights == "imagenet":
-        raise ConfigError("model.weights", "model=small_cnn has no ImageNet weights; set model.weights=null or a weights file.")
+        raise ConfigError("model.weights", f"model={model.name} has no ImageNet weights; set model.weights=null or a weights file.")
     blocks = model.blocks
     if not blocks or any(not block for block in blocks):
         raise ConfigError("model.blocks", f"must be a non-empty list of non-empty lists of filter counts; got {blocks}.")
-    downsampling = 2 ** (len(blocks) - 1)
+    stride = model.get("stem_stride", 1)
+    if stride not in (1, 2):
+        raise ConfigError("model.stem_stride", f"must be 1 or 2; got {stride!r}.")
+    downsampling = 2 ** (len(blocks) - 1) * stride
     if smallest < downsampling:
         raise ConfigError(
             "dataset.image_size",
-            f"model.blocks pools {len(blocks) - 1} times, so images need at least {downsampling}x{downsampling} "
+            f"model.blocks pools {len(blocks) - 1} times (and model.stem_stride={stride}), so images need at least {downsampling}x{downsampling} "
             f"pixels; got {list(image_size)}.",
         )
 
@@ -235,6 +241,11 @@ def _check_optimizer(optimizer: DictConfig) -> None:
     positive("optimizer.lr", optimizer.lr)
     if optimizer.weight_decay is not None and optimizer.weight_decay < 0:
         raise ConfigError("optimizer.weight_decay", f"must be null or 0 or positive; got {optimizer.weight_decay}.")
+    choice("optimizer.schedule", optimizer.schedule, SCHEDULES)
+    if optimizer.warmup_epochs < 0:
+        raise ConfigError("optimizer.warmup_epochs", f"must be 0 or a positive integer; got {optimizer.warmup_epochs}.")
+    if not 0.0 <= optimizer.min_lr_fraction <= 1.0:
+        raise ConfigError("optimizer.min_lr_fraction", f"must be between 0 and 1; got {optimizer.min_lr_fraction}.")
 
 
 def _check_trainer(trainer: DictConfig) -> None:
@@ -247,6 +258,17 @@ def _check_trainer(trainer: DictConfig) -> None:
     if trainer.early_stopping.enabled:
         positive("trainer.early_stopping.patience", trainer.early_stopping.patience, integer=True)
     choice("trainer.jit_compile", trainer.jit_compile, ("auto", True, False))
+    choice("trainer.precision", trainer.precision, PRECISIONS)
+    if not 0.0 <= trainer.label_smoothing < 1.0:
+        raise ConfigError("trainer.label_smoothing", f"must be at least 0 and below 1 (0.1 is common); got {trainer.label_smoothing}.")
+
+
+def _check_evaluation(evaluation: DictConfig) -> None:
+    bootstrap = evaluation.bootstrap
+    if bootstrap.resamples < 0:
+        raise ConfigError("evaluation.bootstrap.resamples", f"must be 0 (no intervals) or positive, 1000 or more for stable intervals; got {bootstrap.resamples}.")
+    if not 0.0 < bootstrap.confidence < 1.0:
+        raise ConfigError("evaluation.bootstrap.confidence", f"must be between 0 and 1, for example 0.95; got {bootstrap.confidence}.")
 
 
 def check_tracking_store(uri: str) -> None:
