@@ -58,11 +58,12 @@ def synthetic_root(tmp_path_factory) -> Path:
 def compose_config(overrides: list[str]):
     """Compose the project's config with Hydra's compose API.
 
-    The data check's cache is off unless an override sets ``dataset.cache_dir``,
+    The data check's cache and the feature cache's files are off unless an
+    override sets ``dataset.cache_dir`` or ``trainer.feature_cache.persist``,
     so that tests never write into the working directory.
     """
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=["dataset.cache_dir=null", *overrides])
+        return compose(config_name="config", overrides=["dataset.cache_dir=null", "trainer.feature_cache.persist=false", *overrides])
 
 
 @pytest.fixture

@@ -305,3 +305,14 @@ def test_selection_never_reads_the_test_split(make_config, monkeypatch, tmp_path
     assert split_files["val"] in during_fit
     assert split_files["test"] not in during_fit
     assert split_files["test"] in after_fit
+
+
+def test_images_cached_on_disk_above_the_memory_budget(make_config, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fungiexp"):
+        result = train(make_config("trainer.epochs=2", "trainer.image_cache.memory_mb=0", f"trainer.image_cache.dir={tmp_path}/images"))
+    assert "Decoded images cached on disk" in caplog.text
+    assert any((tmp_path / "images").rglob("train*"))
+    client, run = stored_run(result)
+    assert run.info.status == "FINISHED"

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -34,10 +35,26 @@ def keras_to_mlflow_name(key: str) -> str:
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Log Keras epoch metrics to the active MLflow run, with the 1-based epoch as step."""
+    """Log Keras epoch metrics to the active MLflow run, with the 1-based epoch as step.
+
+    Also logs ``time/epoch_seconds``, the wall-clock time of the epoch
+    including its validation pass, so that stalls show in the curves, and
+    keeps ``last_epoch_end`` (``time.perf_counter``) for timing what follows.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.epoch_start = None
+        self.last_epoch_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {keras_to_mlflow_name(key): float(value) for key, value in (logs or {}).items()}
+        self.last_epoch_end = time.perf_counter()
+        if self.epoch_start is not None:
+            metrics["time/epoch_seconds"] = self.last_epoch_end - self.epoch_start
         mlflow.log_metrics(metrics, step=epoch + 1)
 
 
@@ -87,10 +104,13 @@ class BestEpoch(keras.callbacks.Callback):
         restore_best: Set the best epoch's weights when training ends.
         state: State saved by ``get_state`` of an interrupted run, to resume from.
         best_weights_path: File holding the best epoch's weights, read when resuming.
+        model: The complete model whose weights are kept, when ``fit`` trains
+            only part of it (the frozen-feature cache); None for the model being fit.
     """
 
-    def __init__(self, monitor, patience, min_delta, restore_best, state=None, best_weights_path=None):
+    def __init__(self, monitor, patience, min_delta, restore_best, state=None, best_weights_path=None, model=None):
         super().__init__()
+        self.complete_model = model
         self.monitor = monitor
         self.patience = patience
         self.min_delta = abs(min_delta)
@@ -103,12 +123,17 @@ class BestEpoch(keras.callbacks.Callback):
         self.best_weights = None
         self.improved = False
 
+    @property
+    def kept(self) -> keras.Model:
+        """The model whose weights are kept and restored."""
+        return self.complete_model if self.complete_model is not None else self.model
+
     def on_train_begin(self, logs=None):
         if self.best_epoch and self.best_weights_path and Path(self.best_weights_path).is_file():
-            current = self.model.get_weights()
-            self.model.load_weights(self.best_weights_path)
-            self.best_weights = self.model.get_weights()
-            self.model.set_weights(current)
+            current = self.kept.get_weights()
+            self.kept.load_weights(self.best_weights_path)
+            self.best_weights = self.kept.get_weights()
+            self.kept.set_weights(current)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -120,7 +145,7 @@ class BestEpoch(keras.callbacks.Callback):
         if score < self.best - self.min_delta:
             self.best, self.best_epoch, self.wait, self.improved = score, epoch + 1, 0, True
             if self.restore_best:
-                self.best_weights = self.model.get_weights()
+                self.best_weights = self.kept.get_weights()
             return
         self.wait += 1
         if self.patience is not None and self.wait >= self.patience:
@@ -129,7 +154,7 @@ class BestEpoch(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self.restore_best and self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+            self.kept.set_weights(self.best_weights)
             log.info("Restored the weights of epoch %d, the best by %s", self.best_epoch, self.monitor)
 
     def get_state(self) -> dict:
@@ -151,23 +176,26 @@ class EpochVariable(keras.callbacks.Callback):
 class EpochCheckpoint(keras.callbacks.Callback):
     """Write the model, the best weights and the selection state after every epoch.
 
-    The state also keeps the augmentation layers' random-generator state, so a
+    ``model`` is the complete model to save when ``fit`` trains only part of
+    it. The state also keeps the augmentation layers' random-generator state, so a
     resumed run continues the same random sequence. Every file is written
     under a temporary name and renamed into place, so a kill during a write
     leaves the previous checkpoint intact.
     """
 
-    def __init__(self, directory: Path, best_epoch: BestEpoch, generators=()):
+    def __init__(self, directory: Path, best_epoch: BestEpoch, generators=(), model=None):
         super().__init__()
+        self.complete_model = model
         self.directory = Path(directory)
         self.best_epoch = best_epoch
         self.generators = list(generators)
 
     def on_epoch_end(self, epoch, logs=None):
         self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_save(self.directory / LAST_MODEL, self.model.save)
+        saved = self.complete_model if self.complete_model is not None else self.model
+        atomic_save(self.directory / LAST_MODEL, saved.save)
         if self.best_epoch.improved:
-            atomic_save(self.directory / BEST_WEIGHTS, self.model.save_weights)
+            atomic_save(self.directory / BEST_WEIGHTS, saved.save_weights)
         state = {
             "epoch": epoch + 1,
             **self.best_epoch.get_state(),

@@ -42,6 +42,7 @@ def make_dataset(
     augmenter: keras.Sequential | None = None,
     seed: int = 0,
     epoch: tf.Variable | None = None,
+    cache_file: str | None = None,
 ) -> tf.data.Dataset:
     """Build the batched dataset of (image, label) pairs for one split.
 
@@ -58,6 +59,8 @@ def make_dataset(
             order of a training pass depends only on ``seed`` and this value,
             so a resumed run shuffles its remaining epochs as an
             uninterrupted run would. None shuffles every pass anew.
+        cache_file: File prefix under which the decoded images are cached
+            on disk; None keeps them in memory.
 
     Returns:
         A dataset of float32 images in [0, 255] with shape (batch, h, w, 3)
@@ -69,7 +72,8 @@ def make_dataset(
 
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     dataset = dataset.map(lambda path, label: (load_image(path, size), label), num_parallel_calls=AUTOTUNE)
-    dataset = dataset.cache()
+    # Decoding and resizing happen once; later epochs read the cache.
+    dataset = dataset.cache(cache_file or "")
     if training and epoch is not None:
         cached = dataset
         dataset = tf.data.Dataset.from_tensors(0).flat_map(

@@ -122,6 +122,21 @@ class ThreadsSchema:
 
 
 @dataclass
+class FeatureCacheSchema:
+    enabled: bool = True
+    memory_mb: int = 4096
+    dtype: str = "float32"
+    persist: bool = True
+    dir: str = ".cache/fungiexp/features"
+
+
+@dataclass
+class ImageCacheSchema:
+    memory_mb: int = 4096
+    dir: str = ".cache/fungiexp/images"
+
+
+@dataclass
 class TrainerSchema:
     epochs: int = 15
     batch_size: int = 32
@@ -138,6 +153,8 @@ class TrainerSchema:
     logical_cpus: int = 0
     jit_compile: Any = "auto"
     threads: ThreadsSchema = field(default_factory=ThreadsSchema)
+    image_cache: ImageCacheSchema = field(default_factory=ImageCacheSchema)
+    feature_cache: FeatureCacheSchema = field(default_factory=FeatureCacheSchema)
     checkpoint_dir: str = "checkpoints"
     resume: Optional[str] = None
     verbose: int = 2

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import logging
+import os
 import shutil
 import signal
 import tempfile
 import threading
+import time
 import traceback
 from collections import Counter
 from contextlib import contextmanager
@@ -23,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fungiexp import evaluate, explain, plots, tracking
+from fungiexp import evaluate, explain, features, plots, tracking
 from fungiexp.callbacks import (
     BEST_WEIGHTS,
     LAST_MODEL,
@@ -290,29 +293,39 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     if resume_point:
         for generator, values in zip(augmentation_generators(augmenter), resume_point.state.get("augmentation_rng", [])):
             generator.state.assign(np.array(values, dtype=keras.ops.convert_to_numpy(generator.state).dtype))
+    fit_model, fit_train_ds, fit_val_ds = _fit_inputs(cfg, model, data, datasets)
     log.info("Training epochs %d to %d", initial_epoch + 1, cfg.trainer.epochs)
     weights = class_weights([record.label for record in splits["train"]], len(codes), str(cfg.trainer.class_weight))
-    model.fit(
-        train_ds,
+    callbacks = _callbacks(cfg.trainer, checkpoint_dir, resume_point, augmentation_generators(augmenter), model)
+    fit_start = time.perf_counter()
+    fit_model.fit(
+        fit_train_ds,
         epochs=int(cfg.trainer.epochs),
         initial_epoch=initial_epoch,
         class_weight=weights,
         callbacks=[
             # First, so that the callbacks after it log and select on its scores.
             ValidationScores(
-                val_ds,
+                fit_val_ds,
                 [record.label for record in splits["val"]],
                 len(codes),
                 loss=build_loss(float(cfg.trainer.label_smoothing)),
                 one_hot=float(cfg.trainer.label_smoothing) > 0,
             ),
-            *_callbacks(cfg.trainer, checkpoint_dir, resume_point, augmentation_generators(augmenter)),
+            *callbacks,
             EpochVariable(epoch_variable),
         ],
         verbose=int(cfg.trainer.verbose),
         # The training dataset shuffles itself every epoch.
         shuffle=False,
     )
+    fit_end = time.perf_counter()
+    logger = callbacks[0]
+    timing = {"time/fit_seconds": fit_end - fit_start}
+    if logger.last_epoch_end is not None:
+        # Time between the end of the last epoch and fit's return: a stall would show here.
+        timing["time/fit_exit_seconds"] = fit_end - logger.last_epoch_end
+    mlflow.log_metrics(timing)
     # Read the curves back from MLflow, so that a resumed run plots every epoch.
     history = _logged_history(mlflow.active_run().info.run_id)
 
@@ -363,6 +376,54 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     _log_job_log()
 
     return {"test": test, "val_macro_f1": val_macro_f1, "val_accuracy": val_accuracy, "history": history}
+
+
+def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, datasets):
+    """Return the model and the training and validation datasets that ``fit`` runs on.
+
+    Normally the complete model on images. When the frozen-feature cache
+    applies, the trainable rest of the model on cached outputs of its frozen
+    leading layers; the complete model shares those layers, so it is the one
+    checkpointed, evaluated and logged.
+    """
+    train_ds, val_ds, test_ds, augmenter, epoch_variable = datasets
+    frozen = features.split_frozen_prefix(model)
+    reason = features.refusal(cfg, augmenter, frozen)
+    if reason:
+        log.info("Frozen-feature cache not used: %s", reason)
+        mlflow.set_tag("fungiexp.feature_cache", f"off: {reason}")
+        return model, train_ds, val_ds
+
+    settings = cfg.trainer.feature_cache
+    image_size = tuple(int(side) for side in cfg.dataset.image_size)
+    budget = {"bytes": int(settings.memory_mb) * 2**20}
+    class_root = data.report.class_root
+    batch_size = int(cfg.trainer.batch_size)
+    log.info("Frozen-feature cache: layers up to %s run once per image; %s and after train", frozen.boundary, frozen.suffix.layers[1].name)
+    stored = {}
+    for name in ("train", "val"):
+        records = data.splits[name]
+        # The plain, ordered images of the split, whatever the training pipeline does.
+        images = make_dataset(records, class_root, image_size, batch_size, training=False)
+        key = features.cache_key(frozen.prefix, image_size, records, data.report.file_hashes, str(settings.dtype))
+        stored[name] = features.features_for(frozen.prefix, images, len(records), key, settings, name, budget)
+    mlflow.set_tag("fungiexp.feature_cache", f"used: layers up to {frozen.boundary} cached as {settings.dtype}")
+
+    suffix = frozen.suffix
+    suffix.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=cfg.trainer.jit_compile)
+    smoothing = float(cfg.trainer.label_smoothing) > 0
+    labels = {name: [record.label for record in data.splits[name]] for name in ("train", "val")}
+    train_features = features.feature_dataset(
+        stored["train"],
+        labels["train"],
+        batch_size,
+        training=True,
+        seed=int(cfg.trainer.seed),
+        epoch=epoch_variable,
+        one_hot=len(data.codes) if smoothing else 0,
+    )
+    val_features = features.feature_dataset(stored["val"], labels["val"], batch_size, training=False)
+    return suffix, train_features, val_features
 
 
 def _log_explanations(cfg, model, data: PreparedData, datasets, test_probabilities, names, title) -> None:
@@ -467,6 +528,7 @@ def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
     batch_size = int(cfg.trainer.batch_size)
     class_root = data.report.class_root
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    cache_files = _image_cache_files(cfg, data, image_size)
     train_ds = make_dataset(
         data.splits["train"],
         class_root,
@@ -476,15 +538,42 @@ def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
         augmenter=augmenter,
         seed=int(cfg.trainer.seed),
         epoch=epoch_variable,
+        cache_file=cache_files["train"],
     )
-    val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False)
-    test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False)
+    val_ds = make_dataset(data.splits["val"], class_root, image_size, batch_size, training=False, cache_file=cache_files["val"])
+    test_ds = make_dataset(data.splits["test"], class_root, image_size, batch_size, training=False, cache_file=cache_files["test"])
     if float(cfg.trainer.label_smoothing) > 0:
         # The smoothed loss takes one-hot labels (see build_loss); validation
         # and test labels are only read from the records.
         classes = len(data.codes)
         train_ds = train_ds.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
     return train_ds, val_ds, test_ds, augmenter, epoch_variable
+
+
+def _image_cache_files(cfg: DictConfig, data: PreparedData, image_size) -> dict[str, str | None]:
+    """Decide where each split's decoded images are cached: memory (None) or a file prefix on disk.
+
+    The images of all splits stay in memory when their uint8 size fits
+    ``trainer.image_cache.memory_mb``; otherwise they are cached in a folder
+    of this process under ``trainer.image_cache.dir``, removed when the process ends.
+    """
+    settings = cfg.trainer.image_cache
+    count = sum(len(records) for records in data.splits.values())
+    size = count * int(image_size[0]) * int(image_size[1]) * 3
+    if size <= int(settings.memory_mb) * 2**20:
+        log.info("Decoded images cached in memory: %d images, %.0f MiB", count, size / 2**20)
+        return {name: None for name in SPLITS}
+    folder = Path(str(settings.dir)).resolve() / f"run-{os.getpid()}-{id(data)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    atexit.register(shutil.rmtree, folder, True)
+    log.info(
+        "Decoded images cached on disk in %s: %d images, %.0f MiB, above trainer.image_cache.memory_mb=%s",
+        folder,
+        count,
+        size / 2**20,
+        settings.memory_mb,
+    )
+    return {name: str(folder / name) for name in SPLITS}
 
 
 def _logged_history(run_id: str) -> dict[str, list[float]]:
@@ -560,7 +649,7 @@ def _log_test_metrics(test: dict, codes: list[str]) -> None:
     mlflow.log_metrics(metrics)
 
 
-def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point, generators) -> list[keras.callbacks.Callback]:
+def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point, generators, model: keras.Model) -> list[keras.callbacks.Callback]:
     early = trainer_cfg.early_stopping
     best_epoch = BestEpoch(
         monitor=str(trainer_cfg.monitor),
@@ -569,9 +658,10 @@ def _callbacks(trainer_cfg: DictConfig, checkpoint_dir: Path, resume_point, gene
         restore_best=bool(trainer_cfg.restore_best),
         state=resume_point.state if resume_point else None,
         best_weights_path=checkpoint_dir / BEST_WEIGHTS,
+        model=model,
     )
     # The checkpoint runs after the MLflow logger, so a checkpointed epoch always has its metrics.
-    return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch, generators)]
+    return [MlflowEpochLogger(), best_epoch, EpochCheckpoint(checkpoint_dir, best_epoch, generators, model)]
 
 
 def _distribution_strategy(trainer_cfg: DictConfig) -> tf.distribute.Strategy:

@@ -259,6 +259,11 @@ def _check_trainer(trainer: DictConfig) -> None:
         positive("trainer.early_stopping.patience", trainer.early_stopping.patience, integer=True)
     choice("trainer.jit_compile", trainer.jit_compile, ("auto", True, False))
     choice("trainer.precision", trainer.precision, PRECISIONS)
+    choice("trainer.feature_cache.dtype", trainer.feature_cache.dtype, ("float32", "float16"))
+    if trainer.image_cache.memory_mb < 0:
+        raise ConfigError("trainer.image_cache.memory_mb", f"must be 0 (always on disk) or positive; got {trainer.image_cache.memory_mb}.")
+    if trainer.feature_cache.memory_mb < 0:
+        raise ConfigError("trainer.feature_cache.memory_mb", f"must be 0 (always on disk) or positive; got {trainer.feature_cache.memory_mb}.")
     if not 0.0 <= trainer.label_smoothing < 1.0:
         raise ConfigError("trainer.label_smoothing", f"must be at least 0 and below 1 (0.1 is common); got {trainer.label_smoothing}.")
 
