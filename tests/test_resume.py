@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_config, write_synthetic_dataset
+from conftest import CONF_DIR, compose_config, write_synthetic_dataset
 from fungiexp.callbacks import LAST_MODEL, atomic_save
 from fungiexp.train import train
 
@@ -175,3 +175,23 @@ def test_artifact_failure_ends_run_failed(make_config, monkeypatch):
     assert run.info.status == "FAILED"
     assert [point.step for point in client.get_metric_history(run.info.run_id, "val/loss")] == [1, 2]
     assert "test/accuracy" in run.data.metrics
+
+
+def test_config_logged_by_an_earlier_version_gets_new_keys_as_defaults(make_config):
+    from omegaconf import OmegaConf
+
+    from fungiexp.schema import with_defaults
+    from fungiexp.validate import validate_config
+
+    current = make_config()
+    old = OmegaConf.create(OmegaConf.to_container(current))
+    del old.trainer["feature_cache"], old.trainer["image_cache"], old["evaluation"], old.optimizer["schedule"]
+    restored = with_defaults(old)
+    validate_config(restored)
+    # The schema's defaults are the YAML files' defaults.
+    defaults = OmegaConf.load(CONF_DIR / "trainer" / "default.yaml")
+    assert restored.trainer.feature_cache == defaults.feature_cache
+    assert restored.trainer.image_cache == defaults.image_cache
+    assert restored.evaluation == current.evaluation
+    assert restored.optimizer.schedule == "constant"
+    assert restored.dataset.root == current.dataset.root

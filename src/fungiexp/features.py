@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from fungiexp.pipeline import graph_function
+
 log = logging.getLogger(__name__)
 
 # Prefix of the cache's file names, so that a clean-up can find them.
@@ -222,7 +224,7 @@ def feature_dataset(
     if training and epoch is not None:
         ordered = indices
         indices = tf.data.Dataset.from_tensors(0).flat_map(
-            lambda _: ordered.shuffle(count, seed=seed * 100_003 + epoch.read_value(), reshuffle_each_iteration=False)
+            graph_function(lambda _: ordered.shuffle(count, seed=seed * 100_003 + epoch.read_value(), reshuffle_each_iteration=False))
         )
         indices = indices.apply(tf.data.experimental.assert_cardinality(count))
     elif training:
@@ -241,4 +243,4 @@ def feature_dataset(
             return values, tf.one_hot(batch_labels, one_hot)
         return values, batch_labels
 
-    return indices.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return indices.batch(batch_size).map(graph_function(load), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -21,6 +21,18 @@ from fungiexp.validate import check_augmentation
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def graph_function(function):
+    """Mark a function for tf.data as plain TensorFlow code that AutoGraph leaves alone.
+
+    AutoGraph converts a function by reading its source file again when a
+    dataset is first iterated. If that file was edited since the process
+    started (a long run going while the user works on the code), it reads
+    the wrong lines and fails or converts another function. These functions
+    have no Python control flow, so they need no conversion.
+    """
+    return tf.autograph.experimental.do_not_convert(function)
+
+
 def load_image(path: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
     """Decode an image file of any mode and size as uint8 RGB resized to ``image_size``.
 
@@ -71,14 +83,14 @@ def make_dataset(
     size = tuple(int(side) for side in image_size)
 
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    dataset = dataset.map(lambda path, label: (load_image(path, size), label), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.map(graph_function(lambda path, label: (load_image(path, size), label)), num_parallel_calls=AUTOTUNE)
     # Decoding and resizing happen once; later epochs read the cache.
     dataset = dataset.cache(cache_file or "")
     if training and epoch is not None:
         cached = dataset
         dataset = tf.data.Dataset.from_tensors(0).flat_map(
-            lambda _: cached.shuffle(
-                len(records), seed=seed * 100_003 + epoch.read_value(), reshuffle_each_iteration=False
+            graph_function(
+                lambda _: cached.shuffle(len(records), seed=seed * 100_003 + epoch.read_value(), reshuffle_each_iteration=False)
             )
         )
         # flat_map hides the size, which Keras needs to count the steps of an epoch.
@@ -86,10 +98,10 @@ def make_dataset(
     elif training:
         dataset = dataset.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
-    dataset = dataset.map(lambda images, labels: (tf.cast(images, tf.float32), labels), num_parallel_calls=AUTOTUNE)
+    dataset = dataset.map(graph_function(lambda images, labels: (tf.cast(images, tf.float32), labels)), num_parallel_calls=AUTOTUNE)
     if training and augmenter is not None:
         dataset = dataset.map(
-            lambda images, labels: (augmenter(images, training=True), labels),
+            graph_function(lambda images, labels: (augmenter(images, training=True), labels)),
             num_parallel_calls=AUTOTUNE,
         )
     return dataset.prefetch(AUTOTUNE)

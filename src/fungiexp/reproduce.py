@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fungiexp.errors import ConfigError, FungiexpError
+from fungiexp.schema import with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
     folder = Path(str(current.dataset.cache_dir or ".cache/fungiexp")) / "reproduce" / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", str(folder)))
+    cfg = with_defaults(OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", str(folder))))
     manifest = client.download_artifacts(run_id, "data/split.csv", str(folder))
     cfg.tracking = current.tracking
     cfg.dataset.split.manifest = str(Path(manifest).resolve())

@@ -215,3 +215,19 @@ class RunSchema:
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     # Set by experiment files: the numbers a run should reproduce.
     reported: Optional[ReportedSchema] = None
+
+
+def with_defaults(cfg):
+    """Return ``cfg`` with every key the schema knows and ``cfg`` lacks set to its default.
+
+    A config logged by an earlier version of fungiexp lacks the keys added
+    since; resuming or reproducing that run fills them with the defaults
+    (which match the YAML files), so it runs as it did. Keys ``cfg`` has are
+    kept as they are; unknown keys still fail validation later.
+    """
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(RunSchema), resolve=False)
+    defaults.pop("reported", None)
+    merged = OmegaConf.merge(OmegaConf.create(defaults), cfg)
+    return merged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import gc
 import logging
@@ -41,7 +42,8 @@ from fungiexp.errors import ConfigError
 from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
-from fungiexp.pipeline import augmentation_generators, build_augmenter, make_dataset
+from fungiexp.pipeline import augmentation_generators, build_augmenter, graph_function, make_dataset
+from fungiexp.schema import with_defaults
 from fungiexp.split import SPLITS, fingerprint
 from fungiexp.sweep import sweep_tags
 from fungiexp.validate import validate_config
@@ -152,7 +154,24 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
     del model, datasets
     keras.backend.clear_session(free_memory=True)
     gc.collect()
+    _return_freed_memory()
     return result
+
+
+def _return_freed_memory() -> None:
+    """Ask the C allocator to hand freed memory back to the operating system (glibc only).
+
+    TensorFlow frees a finished job's tensors, but glibc keeps the freed pages
+    in its per-thread arenas, so a sweep's process would keep growing
+    without this.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -200,7 +219,7 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
         )
 
     with tempfile.TemporaryDirectory() as folder:
-        config = OmegaConf.load(client.download_artifacts(run.info.run_id, "config/resolved.yaml", folder))
+        config = with_defaults(OmegaConf.load(client.download_artifacts(run.info.run_id, "config/resolved.yaml", folder)))
         manifest = directory / "split.csv"
         if not manifest.is_file():
             shutil.copy(client.download_artifacts(run.info.run_id, "data/split.csv", folder), manifest)
@@ -546,7 +565,7 @@ def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
         # The smoothed loss takes one-hot labels (see build_loss); validation
         # and test labels are only read from the records.
         classes = len(data.codes)
-        train_ds = train_ds.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
+        train_ds = train_ds.map(graph_function(lambda images, labels: (images, tf.one_hot(labels, classes))))
     return train_ds, val_ds, test_ds, augmenter, epoch_variable
 
 
@@ -614,7 +633,7 @@ def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, tta: boo
     views = ((), (2,), (1,), (1, 2))
     total = None
     for axes in views:
-        flipped = dataset.map(functools.partial(_flip, axes=list(axes))) if axes else dataset
+        flipped = dataset.map(graph_function(functools.partial(_flip, axes=list(axes)))) if axes else dataset
         probabilities = model.predict(flipped, verbose=0)
         total = probabilities if total is None else total + probabilities
     return total / len(views)
