@@ -316,3 +316,23 @@ def test_images_cached_on_disk_above_the_memory_budget(make_config, tmp_path, ca
     assert any((tmp_path / "images").rglob("train*"))
     client, run = stored_run(result)
     assert run.info.status == "FINISHED"
+
+
+def test_gradient_functions_registered_by_a_job_are_forgotten():
+    import tensorflow as tf
+
+    from fungiexp import train as train_module
+
+    before = train_module._custom_gradient_names()
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x * x)
+        return tape.gradient(y, x)
+
+    step(tf.constant(2.0))
+    assert train_module._custom_gradient_names() - before
+    train_module._forget_custom_gradients(before)
+    assert train_module._custom_gradient_names() == before
