@@ -34,6 +34,9 @@ def test_small_cnn_has_nothing_to_cache(make_config):
     cfg = make_config()
     model = build_model(cfg.model, cfg.fine_tune, 5, (32, 32))
     assert features.split_frozen_prefix(model) is None
+    # The reason names the model, not the augmentation that would not help.
+    reason = features.cache_off_reason(cfg, object(), None)
+    assert reason == "model=small_cnn with fine_tune=all has no frozen leading layers to cache"
 
 
 @pytest.mark.slow

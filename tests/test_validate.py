@@ -25,6 +25,15 @@ INVALID = [
     (["model=vgg16", "model.weights=null", "fine_tune.trainable_from=block6_conv1"], r"valid first layers are block1_conv1, block2_conv1"),
     (["model=small_cnn", "fine_tune=block5"], r"fine_tune=block5 does not apply to model=small_cnn"),
     (["model=vgg16", "model.weights=/nowhere/vgg16.h5"], r"model.weights: weights file /nowhere/vgg16.h5 not found"),
+    (["optimizer=adamw", "optimizer.weight_decay=null"], r"optimizer.weight_decay: optimizer=adamw needs a weight decay, for example 0.01"),
+    (["trainer.precision=fp8"], r"trainer.precision: must be one of float32, mixed_bfloat16, mixed_float16; got 'fp8'"),
+    (["trainer.label_smoothing=1.5"], r"trainer.label_smoothing: must be at least 0 and below 1"),
+    (["optimizer.schedule=step"], r"optimizer.schedule: must be one of constant, cosine; got 'step'"),
+    (["model=small_cnn_bn", "model.stem_stride=3"], r"model.stem_stride: must be 1 or 2; got 3"),
+    (["evaluation.bootstrap.confidence=95"], r"evaluation.bootstrap.confidence: must be between 0 and 1"),
+    (["trainer.feature_cache.dtype=int8"], r"trainer.feature_cache.dtype: must be one of float32, float16; got 'int8'"),
+    (["evaluation.tta=maybe"], r"evaluation.tta: invalid value 'maybe': expected true or false"),
+    (["trainer.batch_size=abc"], r"trainer.batch_size: invalid value 'abc': expected an integer"),
     (["trainer.monitor=test_loss"], r"trainer.monitor: must be one of val_loss, val_accuracy, val_macro_f1; got 'test_loss'"),
     (["dataset.split.group_by=patient"], r"dataset.split.group_by: must be one of source_image, sample, none"),
     (["augmentation.fill_mode=mirror"], r"augmentation.fill_mode: must be one of reflect, wrap, nearest, constant"),
@@ -82,3 +91,28 @@ def test_cli_rejects_config_before_importing_tensorflow(synthetic_root, tmp_path
     assert "optimizer.lr: must be positive; got -1" in output
     assert "Traceback" not in output
     assert "oneDNN" not in output
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("trainer.epoch", "trainer.epoch: unknown key. Did you mean trainer.epochs?"),
+        ("dataset.split.seeds", "dataset.split.seeds: unknown key. Did you mean dataset.split.seed?"),
+        ("trainer.epochs", None),
+        ("dataset.class_info.H1.expected_images", None),
+        ("tracking.figures.gradcam", None),
+    ],
+)
+def test_override_keys_are_checked_against_the_schema(key, message):
+    from fungiexp.validate import unknown_override_key
+
+    assert unknown_override_key(key) == message
+
+
+def test_cli_names_a_misspelt_override_key():
+    completed = subprocess.run(
+        [sys.executable, "-m", "fungiexp", "train", "trainer.epoch=3"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 1
+    assert "trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
+    assert "Traceback" not in completed.stderr

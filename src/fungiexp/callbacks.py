@@ -65,7 +65,7 @@ class ValidationScores(keras.callbacks.Callback):
     not needed (``fit`` gets no ``validation_data``). The scores go into the
     epoch logs before the callbacks that log metrics and pick the best epoch,
     so ``trainer.monitor`` can select on any of them. This callback is given
-    the validation split only: selection never sees the test split.
+    the validation split only, so selection never reads the test split.
 
     Args:
         dataset: Batched (image, label) dataset of the validation split.

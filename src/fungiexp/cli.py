@@ -16,11 +16,12 @@ Commands:
            Rerun experiments/NAME.yaml or a logged run id and compare its metrics.
   train    Train and evaluate one run (or a sweep with -m), logged to MLflow.
   ui       Open the MLflow UI on the project's store (127.0.0.1:5000 by default).
-           ARGS are Hydra overrides and flags, for example:
-             fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
-             fungiexp train --cfg job        (print the composed config)
-             fungiexp train -m augmentation=none,strong
-           `fungiexp train --help` lists the config groups and options.
+
+For `train`, ARGS are Hydra overrides and flags, for example:
+  fungiexp train model=vgg16 fine_tune=block5 optimizer.lr=1e-4
+  fungiexp train --cfg job        (print the composed config)
+  fungiexp train -m augmentation=none,strong
+`fungiexp train --help` lists the config groups and options.
 
 Run `fungiexp COMMAND --help` for the options of a command.
 """
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     # before absl logging starts still appear (TensorFlow 2.21). A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if command == "train":
+        problem = _unknown_override(rest)
+        if problem:
+            print(f"fungiexp train: error: {problem}", file=sys.stderr)
+            return 1
         from fungiexp.app import train_app
 
         # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.
@@ -77,3 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fungiexp: unknown command {command!r}; valid commands: compare, data, predict, reproduce, train, ui.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2
+
+
+def _unknown_override(args: list[str]) -> str | None:
+    """Return the error for the first ``KEY=VALUE`` override whose dotted key the config lacks, or None.
+
+    Overrides with ``+``, ``~`` or ``++``, group choices (no dot) and Hydra's
+    own keys are left to Hydra.
+    """
+    from fungiexp.validate import unknown_override_key
+
+    for arg in args:
+        key, equals, _ = arg.partition("=")
+        if not equals or key.startswith(("+", "~", "-", "hydra.")) or "." not in key:
+            continue
+        problem = unknown_override_key(key)
+        if problem:
+            return problem
+    return None

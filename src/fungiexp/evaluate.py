@@ -139,9 +139,9 @@ def bootstrap_intervals(
         precision = np.where(predicted_totals > 0, hits / predicted_totals, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     present = true_totals > 0
-    # A class that a resample happens to leave out has an undefined recall; it
-    # is left out of that resample's averages, as scikit-learn's
-    # balanced accuracy does, and of that class's interval.
+    # A class that a resample happens to leave out has an undefined recall.
+    # It is left out of that resample's balanced accuracy (as in
+    # scikit-learn) and of that class's interval.
     scores = {
         "accuracy": hits.sum(axis=1) / confusion.sum(axis=(1, 2)),
         "balanced_accuracy": np.nanmean(np.where(present, recall, np.nan), axis=1),

@@ -1,11 +1,11 @@
 """Frozen-feature cache: compute a model's frozen leading layers once per image.
 
-When the first part of a network does not train (VGG16 blocks 1 to 4 under
-``fine_tune=block5``, or the whole backbone under ``fine_tune=frozen``) and
-training images are not randomly augmented, that part maps each image to
-the same output in every epoch. Computing it once and training the rest of
-the network on the stored outputs gives the same updates for a fraction of
-the arithmetic.
+The first part of a network may not train: VGG16 blocks 1 to 4 under
+``fine_tune=block5``, or the whole backbone under ``fine_tune=frozen``. When
+training images are not randomly augmented either, that part maps each
+image to the same output in every epoch. Computing it once and training the
+rest of the network on the stored outputs gives the same updates for a
+fraction of the arithmetic.
 
 The cache lives in memory when it fits ``trainer.feature_cache.memory_mb``,
 otherwise in ``.npy`` files under ``trainer.feature_cache.dir``, named by a
@@ -87,17 +87,17 @@ def split_frozen_prefix(model: keras.Model) -> FrozenSplit | None:
     return FrozenSplit(prefix, suffix, frozen[-1].name)
 
 
-def refusal(cfg: DictConfig, augmenter, frozen: FrozenSplit | None) -> str | None:
+def cache_off_reason(cfg: DictConfig, augmenter, frozen: FrozenSplit | None) -> str | None:
     """Return why the cache cannot be used for this run, or None if it can."""
     if not cfg.trainer.feature_cache.enabled:
         return "trainer.feature_cache.enabled=false"
+    if frozen is None:
+        return f"model={cfg.model.name} with fine_tune={cfg.fine_tune.name} has no frozen leading layers to cache"
     if augmenter is not None:
         return (
             f"augmentation={cfg.augmentation.name} transforms training images randomly, so the frozen layers "
             "see a new image every epoch (augmentation=none allows the cache)"
         )
-    if frozen is None:
-        return "the model has no frozen leading layers (fine_tune=frozen or block5 with model=vgg16 has)"
     if cfg.trainer.strategy != "default":
         return f"trainer.strategy={cfg.trainer.strategy} is not supported by the cache"
     return None

@@ -90,7 +90,7 @@ def build_model(model_cfg: DictConfig, fine_tune_cfg: DictConfig, num_classes: i
         model = _build_small_cnn(model_cfg, num_classes, input_shape, preprocessing)
 
     trainable, frozen = count_parameters(model)
-    log.info("Model %s: %d trainable and %d frozen parameters", name, trainable, frozen)
+    log.info("Model %s: %d trainable and %d non-trainable parameters (frozen layers, batch-norm statistics)", name, trainable, frozen)
     return model
 
 

@@ -94,12 +94,21 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
             )
         log.warning("Running without %s; the numbers will differ from the reported ones", ", ".join(missing))
 
+    changed = [item for item in overrides if not item.lstrip("+~").startswith(("tracking.", "hydra."))]
+    if changed:
+        log.warning("Overrides change the experiment (%s); its reported numbers may not apply", " ".join(changed))
+    if cfg.reported.get("notes"):
+        log.info("Notes of %s: %s", path.name, cfg.reported.notes)
+
     from fungiexp.train import train
 
     result = train(cfg, tags={"fungiexp.reproduce.experiment": path.stem})
     limit = float(cfg.reported.get("tolerance", 0.0)) if tolerance is None else tolerance
     rows = compare_metrics(cfg.reported, _run_metrics(result), limit)
-    return _report(rows, result, f"{path.name} ({cfg.reported.get('source', 'source not given')})")
+    status = _report(rows, result, f"{path.name} ({cfg.reported.get('source', 'source not given')})")
+    if cfg.reported.get("notes"):
+        print(f"Notes: {cfg.reported.notes}")
+    return status
 
 
 def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:

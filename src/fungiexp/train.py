@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
+# Fewer test source images than this make the bootstrap intervals rough (a rule of thumb).
+MIN_BOOTSTRAP_GROUPS = 30
 
 
 def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
@@ -195,9 +197,8 @@ def _gradient_registry() -> dict | None:
 def _return_freed_memory() -> None:
     """Ask the C allocator to hand freed memory back to the operating system (glibc only).
 
-    TensorFlow frees a finished job's tensors, but glibc keeps the freed pages
-    in its per-thread arenas, so a sweep's process would keep growing
-    without this.
+    TensorFlow frees a finished job's tensors, but glibc may keep the freed
+    pages in its per-thread arenas.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -303,8 +304,6 @@ def build_optimizer(optimizer_cfg: DictConfig, steps_per_epoch: int = 1, epochs:
     weight_decay = optimizer_cfg.get("weight_decay")
     if name in ("adam", "adamw"):
         optimizer_class = keras.optimizers.AdamW if name == "adamw" else keras.optimizers.Adam
-        if name == "adamw" and weight_decay is None:
-            raise ConfigError("optimizer.weight_decay", "adamw needs a weight decay, for example 1e-4 (or use optimizer=adam).")
         return optimizer_class(
             learning_rate=lr,
             beta_1=float(optimizer_cfg.beta_1),
@@ -395,6 +394,13 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     test = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
     bootstrap = cfg.evaluation.bootstrap
     if int(bootstrap.resamples) > 0:
+        groups = len({record.source_image for record in splits["test"]})
+        if groups < MIN_BOOTSTRAP_GROUPS:
+            log.warning(
+                "The test split holds only %d source images: bootstrap intervals from so few are rough. "
+                "Use more images (dataset.limit_per_class) for intervals worth reporting",
+                groups,
+            )
         test["intervals"] = evaluate.bootstrap_intervals(
             test_true,
             np.argmax(test_probabilities, axis=1),
@@ -436,12 +442,12 @@ def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, dataset
 
     Normally the complete model on images. When the frozen-feature cache
     applies, the trainable rest of the model on cached outputs of its frozen
-    leading layers; the complete model shares those layers, so it is the one
+    leading layers. The complete model shares those layers, so it is the one
     checkpointed, evaluated and logged.
     """
     train_ds, val_ds, test_ds, augmenter, epoch_variable = datasets
     frozen = features.split_frozen_prefix(model)
-    reason = features.refusal(cfg, augmenter, frozen)
+    reason = features.cache_off_reason(cfg, augmenter, frozen)
     if reason:
         log.info("Frozen-feature cache not used: %s", reason)
         mlflow.set_tag("fungiexp.feature_cache", f"off: {reason}")
@@ -607,8 +613,9 @@ def _image_cache_files(cfg: DictConfig, data: PreparedData, image_size) -> dict[
     """Decide where each split's decoded images are cached: memory (None) or a file prefix on disk.
 
     The images of all splits stay in memory when their uint8 size fits
-    ``trainer.image_cache.memory_mb``; otherwise they are cached in a folder
-    of this process under ``trainer.image_cache.dir``, removed when the process ends.
+    ``trainer.image_cache.memory_mb``. Otherwise they are cached in a folder
+    of this process under ``trainer.image_cache.dir``, which is removed when
+    the process ends.
     """
     settings = cfg.trainer.image_cache
     count = sum(len(records) for records in data.splits.values())

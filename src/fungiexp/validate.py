@@ -7,8 +7,10 @@ dotted key, the value received and the valid choices or range.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import typing
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -69,9 +71,55 @@ def _check_schema(cfg: DictConfig) -> None:
     except OmegaConfBaseException as error:
         key = error.full_key or "config"
         value = OmegaConf.select(cfg, key, default=None) if error.full_key else None
-        expected = "a list, for example [128, 128]" if "ListConfig" in str(error.msg) else "another type"
+        expected = "a list, for example [128, 128]" if "ListConfig" in str(error.msg) else _expected_type(key)
         first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
         raise ConfigError(key, f"invalid value {value!r}: expected {expected} ({first_line}).") from None
+
+
+def _schema_field(key: str):
+    """Return the type annotation of the schema field at dotted ``key``, ``Any`` under a free-form dict, or None if unknown."""
+    node = RunSchema
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return None
+        annotations = typing.get_type_hints(node)
+        if part not in annotations:
+            return None
+        annotation = annotations[part]
+        # Optional[X] is Union[X, None].
+        arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+        if typing.get_origin(annotation) is typing.Union and len(arguments) == 1:
+            annotation = arguments[0]
+        if typing.get_origin(annotation) in (dict, typing.Dict):
+            # Keys of a dict (class codes, metric names) are free; only the values have a type.
+            return typing.Any if index + 1 < len(parts) else annotation
+        node = annotation
+    return node
+
+
+def _expected_type(key: str) -> str:
+    annotation = _schema_field(key)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, "another type")
+
+
+def unknown_override_key(key: str) -> str | None:
+    """Return an error message if the dotted config ``key`` of a command-line override does not exist, else None.
+
+    Hydra rejects such an override with its own message, which suggests
+    adding the key with ``+``; this check names the closest existing key instead.
+    """
+    if _schema_field(key) is not None:
+        return None
+    parent, _, name = key.rpartition(".")
+    node = _schema_field(parent) if parent else RunSchema
+    if not dataclasses.is_dataclass(node):
+        return None
+    known = [field.name for field in dataclasses.fields(node)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"Did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"Valid keys: {', '.join(known)}."
+    return f"{key}: unknown key. {hint}"
 
 
 def choice(key: str, value, allowed) -> None:
@@ -241,6 +289,8 @@ def _check_optimizer(optimizer: DictConfig) -> None:
     positive("optimizer.lr", optimizer.lr)
     if optimizer.weight_decay is not None and optimizer.weight_decay < 0:
         raise ConfigError("optimizer.weight_decay", f"must be null or 0 or positive; got {optimizer.weight_decay}.")
+    if optimizer.name == "adamw" and optimizer.weight_decay is None:
+        raise ConfigError("optimizer.weight_decay", "optimizer=adamw needs a weight decay, for example 0.01; or use optimizer=adam.")
     choice("optimizer.schedule", optimizer.schedule, SCHEDULES)
     if optimizer.warmup_epochs < 0:
         raise ConfigError("optimizer.warmup_epochs", f"must be 0 or a positive integer; got {optimizer.warmup_epochs}.")
