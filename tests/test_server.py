@@ -145,8 +145,21 @@ def test_ui_shows_sweep_runs_in_chromium(store, quick_overrides, tmp_path, reque
     assert swept.returncode == 0, swept.stderr[-3000:]
     experiment_id = MlflowClient(tracking_uri=uri).get_experiment_by_name("test").experiment_id
 
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([experiment_id])
+    parent = max((run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"), key=lambda run: run.info.start_time)
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2
+
+    def render_all(base: str) -> tuple[str, list[str]]:
+        runs_page = rendered_page(f"{base}/#/experiments/{experiment_id}/runs", tmp_path / "profile")
+        # MLflow 3.17 shows child runs collapsed under their parent in the runs
+        # list, so each child's name is looked for on its own run page.
+        run_pages = [rendered_page(f"{base}/#/experiments/{experiment_id}/runs/{run.info.run_id}", tmp_path / "profile") for run in children]
+        return runs_page, run_pages
+
     if store == "server":
-        page = rendered_page(f"{uri}/#/experiments/{experiment_id}/runs", tmp_path / "profile")
+        page, run_pages = render_all(uri)
     else:
         port = free_port()
         process = subprocess.Popen(
@@ -157,16 +170,14 @@ def test_ui_shows_sweep_runs_in_chromium(store, quick_overrides, tmp_path, reque
         )
         try:
             wait_until_up(f"http://127.0.0.1:{port}/health", process)
-            page = rendered_page(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs", tmp_path / "profile")
+            page, run_pages = render_all(f"http://127.0.0.1:{port}")
         finally:
             process.terminate()
             process.communicate(timeout=30)
-    # MLflow 3.17 shows child runs collapsed under their parent run. So the
-    # rendered page is checked for the sweep's parent run, and the children
-    # are checked through the same store.
     assert "Runs - Experiment" in page
     assert "augmentation=none,notebook" in page
-    client = MlflowClient(tracking_uri=uri)
-    names = sorted(run.info.run_name for run in client.search_runs([experiment_id]))
+    for run, run_page in zip(children, run_pages):
+        assert run.info.run_name in run_page
+    names = sorted(run.info.run_name for run in children)
     assert names[0].startswith("dataset.expected_images=null")
     assert any(name.endswith("augmentation=notebook") for name in names)
