@@ -60,7 +60,8 @@ def test_cached_run_matches_uncached_run_and_reuses_its_cache(make_config, tmp_p
         np.testing.assert_allclose(second, first, atol=1e-3, err_msg=name)
     assert again["test"]["accuracy"] == pytest.approx(cached["test"]["accuracy"])
     run = client.get_run(cached["run_id"])
-    assert run.data.tags["fungiexp.feature_cache"].startswith("used: layers up to block4_pool")
+    assert run.data.tags["fungiexp.feature_cache"].startswith("used (built): layers up to block4_pool")
+    assert client.get_run(again["run_id"]).data.tags["fungiexp.feature_cache"].startswith("used (reused):")
 
     # The logged model is the complete network, taking images.
     local = client.download_artifacts(cached["run_id"], "model/model.keras", str(tmp_path))

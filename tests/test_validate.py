@@ -98,6 +98,8 @@ def test_cli_rejects_config_before_importing_tensorflow(synthetic_root, tmp_path
     [
         ("trainer.epoch", "trainer.epoch: unknown key. Did you mean trainer.epochs?"),
         ("dataset.split.seeds", "dataset.split.seeds: unknown key. Did you mean dataset.split.seed?"),
+        ("trainer.early_stoping.patience", "trainer.early_stoping: unknown key. Did you mean trainer.early_stopping?"),
+        ("dataset.class_info.H1.expected_image", "dataset.class_info.H1.expected_image: unknown key. Did you mean dataset.class_info.H1.expected_images?"),
         ("trainer.epochs", None),
         ("dataset.class_info.H1.expected_images", None),
         ("tracking.figures.gradcam", None),
@@ -115,4 +117,16 @@ def test_cli_names_a_misspelt_override_key():
     )
     assert completed.returncode == 1
     assert "trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_reproduce_names_a_misspelt_override_key():
+    completed = subprocess.run(
+        [sys.executable, "-m", "fungiexp", "reproduce", "experiments/defungi5_small_cnn_quick.yaml", "trainer.epoch=1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "fungiexp reproduce: error: trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
     assert "Traceback" not in completed.stderr

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     # before absl logging starts still appear (TensorFlow 2.21). A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if command == "train":
-        problem = _unknown_override(rest)
+        from fungiexp.validate import check_overrides
+
+        problem = check_overrides(rest)
         if problem:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1
@@ -83,20 +85,3 @@ def main(argv: list[str] | None = None) -> int:
     print(USAGE, end="", file=sys.stderr)
     return 2
 
-
-def _unknown_override(args: list[str]) -> str | None:
-    """Return the error for the first ``KEY=VALUE`` override whose dotted key the config lacks, or None.
-
-    Overrides with ``+``, ``~`` or ``++``, group choices (no dot) and Hydra's
-    own keys are left to Hydra.
-    """
-    from fungiexp.validate import unknown_override_key
-
-    for arg in args:
-        key, equals, _ = arg.partition("=")
-        if not equals or key.startswith(("+", "~", "-", "hydra.")) or "." not in key:
-            continue
-        problem = unknown_override_key(key)
-        if problem:
-            return problem
-    return None

@@ -134,7 +134,8 @@ def features_for(
         key: ``cache_key`` of the split.
         settings: ``trainer.feature_cache``.
         split: Name of the split, for the log.
-        budget: Bytes of memory the run's caches may still use; updated in place.
+        budget: ``bytes``: memory the run's caches may still use; updated in
+            place, and ``built`` or ``reused`` is appended to its ``actions`` list.
 
     Returns:
         An array of shape (count, ...), in memory or memory-mapped from disk.
@@ -155,6 +156,7 @@ def features_for(
                 size / 2**20,
                 "loaded into memory" if in_memory else "read from disk",
             )
+            budget.setdefault("actions", []).append("reused")
             if in_memory:
                 budget["bytes"] -= size
                 return np.array(stored)
@@ -171,6 +173,7 @@ def features_for(
         size / 2**20,
         "in memory" if in_memory and not settings.persist else f"in {path}",
     )
+    budget.setdefault("actions", []).append("built")
     if in_memory and not settings.persist:
         budget["bytes"] -= size
         return _compute(prefix, dataset, np.empty(shape, dtype=dtype))

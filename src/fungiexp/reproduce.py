@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fungiexp.errors import ConfigError, FungiexpError
 from fungiexp.schema import with_defaults
+from fungiexp.validate import check_overrides
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ def reproduce_main(args: list[str]) -> int:
     options = parser.parse_intermixed_args(args)
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    problem = check_overrides(options.overrides)
+    if problem:
+        print(f"fungiexp reproduce: error: {problem}", file=sys.stderr)
+        return 1
     try:
         if options.target.endswith((".yaml", ".yml")):
             return reproduce_experiment(Path(options.target), options.overrides, options.accept_differences, options.tolerance)

@@ -466,7 +466,8 @@ def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, dataset
         images = make_dataset(records, class_root, image_size, batch_size, training=False)
         key = features.cache_key(frozen.prefix, image_size, records, data.report.file_hashes, str(settings.dtype))
         stored[name] = features.features_for(frozen.prefix, images, len(records), key, settings, name, budget)
-    mlflow.set_tag("fungiexp.feature_cache", f"used: layers up to {frozen.boundary} cached as {settings.dtype}")
+    actions = " and ".join(sorted(set(budget.get("actions", []))))
+    mlflow.set_tag("fungiexp.feature_cache", f"used ({actions}): layers up to {frozen.boundary} cached as {settings.dtype}")
 
     suffix = frozen.suffix
     suffix.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=cfg.trainer.jit_compile)

@@ -93,8 +93,23 @@ def _schema_field(key: str):
             annotation = arguments[0]
         if typing.get_origin(annotation) in (dict, typing.Dict):
             # Keys of a dict (class codes, metric names) are free; only the values have a type.
-            return typing.Any if index + 1 < len(parts) else annotation
+            value_type = typing.get_args(annotation)[1]
+            if index + 2 < len(parts) and dataclasses.is_dataclass(value_type):
+                return _field_of(value_type, parts[index + 2 :])
+            return value_type if index + 2 == len(parts) else (typing.Any if index + 1 < len(parts) else annotation)
         node = annotation
+    return node
+
+
+def _field_of(node, parts: list[str]):
+    """Return the type of the field at ``parts`` within the dataclass ``node``, or None if unknown."""
+    for part in parts:
+        if not dataclasses.is_dataclass(node):
+            return None
+        annotations = typing.get_type_hints(node)
+        if part not in annotations:
+            return None
+        node = annotations[part]
     return node
 
 
@@ -108,18 +123,39 @@ def unknown_override_key(key: str) -> str | None:
     """Return an error message if the dotted config ``key`` of a command-line override does not exist, else None.
 
     Hydra rejects such an override with its own message, which suggests
-    adding the key with ``+``; this check names the closest existing key instead.
+    adding the key with ``+``. This check names the first part of the key
+    that does not exist and the closest existing key instead.
     """
-    if _schema_field(key) is not None:
-        return None
-    parent, _, name = key.rpartition(".")
-    node = _schema_field(parent) if parent else RunSchema
-    if not dataclasses.is_dataclass(node):
-        return None
-    known = [field.name for field in dataclasses.fields(node)]
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"Did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"Valid keys: {', '.join(known)}."
-    return f"{key}: unknown key. {hint}"
+    parts = key.split(".")
+    for index in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:index])
+        if _schema_field(prefix) is not None:
+            continue
+        parent = ".".join(parts[: index - 1])
+        node = _schema_field(parent) if parent else RunSchema
+        if not dataclasses.is_dataclass(node):
+            return None
+        known = [field.name for field in dataclasses.fields(node)]
+        close = difflib.get_close_matches(parts[index - 1], known, n=1)
+        hint = f"Did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"Valid keys: {', '.join(known)}."
+        return f"{prefix}: unknown key. {hint}"
+    return None
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """Return the error for the first ``KEY=VALUE`` override whose dotted key the config lacks, or None.
+
+    Overrides with ``+``, ``~`` or ``++``, group choices (no dot), flags and
+    Hydra's own keys are left to Hydra.
+    """
+    for arg in args:
+        key, equals, _ = arg.partition("=")
+        if not equals or key.startswith(("+", "~", "-", "hydra.")) or "." not in key:
+            continue
+        problem = unknown_override_key(key)
+        if problem:
+            return problem
+    return None
 
 
 def choice(key: str, value, allowed) -> None:
