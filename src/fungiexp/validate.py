@@ -77,40 +77,32 @@ def _check_schema(cfg: DictConfig) -> None:
 
 
 def _schema_field(key: str):
-    """Return the type annotation of the schema field at dotted ``key``, ``Any`` under a free-form dict, or None if unknown."""
-    node = RunSchema
-    parts = key.split(".")
-    for index, part in enumerate(parts):
-        if not dataclasses.is_dataclass(node):
-            return None
-        annotations = typing.get_type_hints(node)
-        if part not in annotations:
-            return None
-        annotation = annotations[part]
-        # Optional[X] is Union[X, None].
-        arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
-        if typing.get_origin(annotation) is typing.Union and len(arguments) == 1:
-            annotation = arguments[0]
-        if typing.get_origin(annotation) in (dict, typing.Dict):
-            # Keys of a dict (class codes, metric names) are free; only the values have a type.
-            value_type = typing.get_args(annotation)[1]
-            if index + 2 < len(parts) and dataclasses.is_dataclass(value_type):
-                return _field_of(value_type, parts[index + 2 :])
-            return value_type if index + 2 == len(parts) else (typing.Any if index + 1 < len(parts) else annotation)
-        node = annotation
-    return node
+    """Return the type annotation of the schema field at dotted ``key``, or None if there is no such field."""
+    return _field_at(RunSchema, key.split("."))
 
 
-def _field_of(node, parts: list[str]):
-    """Return the type of the field at ``parts`` within the dataclass ``node``, or None if unknown."""
-    for part in parts:
-        if not dataclasses.is_dataclass(node):
-            return None
-        annotations = typing.get_type_hints(node)
-        if part not in annotations:
-            return None
-        node = annotations[part]
-    return node
+def _field_at(node, parts: list[str]):
+    """Return the type of the field at ``parts`` below the dataclass ``node``, or None if unknown.
+
+    Keys of a dict field (class codes, metric names) are free, so the part
+    after a dict's name is skipped and the walk goes on in the dict's value type.
+    """
+    if not parts:
+        return node
+    if not dataclasses.is_dataclass(node):
+        return None
+    annotations = typing.get_type_hints(node)
+    if parts[0] not in annotations:
+        return None
+    annotation = annotations[parts[0]]
+    # Optional[X] is Union[X, None].
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(arguments) == 1:
+        annotation = arguments[0]
+    if typing.get_origin(annotation) in (dict, typing.Dict) and len(parts) > 1:
+        value_type = typing.get_args(annotation)[1]
+        return _field_at(value_type, parts[2:]) if dataclasses.is_dataclass(value_type) else (value_type if len(parts) == 2 else None)
+    return _field_at(annotation, parts[1:])
 
 
 def _expected_type(key: str) -> str:
