@@ -44,7 +44,7 @@ def _grouped_predictions(groups: int, patches: int, seed: int):
     return y_true, y_pred, names
 
 
-def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_groups():
+def test_bootstrap_contains_estimate_and_shrinks():
     codes = ["H1", "H2", "H3"]
     widths = []
     for groups in (12, 120):

@@ -40,7 +40,7 @@ def test_small_cnn_has_nothing_to_cache(make_config):
 
 
 @pytest.mark.slow
-def test_cached_run_matches_uncached_run_and_reuses_its_cache(make_config, tmp_path, caplog):
+def test_feature_cache_matches_and_is_reused(make_config, tmp_path, caplog):
     common = (*VGG16_BLOCK5, "trainer.epochs=2", "trainer.deterministic=true", f"trainer.feature_cache.dir={tmp_path}/features")
     with caplog.at_level(logging.INFO, logger="fungiexp"):
         plain = train(make_config(*common, "trainer.feature_cache.enabled=false"))

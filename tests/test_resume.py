@@ -177,7 +177,7 @@ def test_artifact_failure_ends_run_failed(make_config, monkeypatch):
     assert "test/accuracy" in run.data.metrics
 
 
-def test_config_logged_by_an_earlier_version_gets_new_keys_as_defaults(make_config):
+def test_old_logged_config_gets_new_defaults(make_config):
     from omegaconf import OmegaConf
 
     from fungiexp.schema import with_defaults

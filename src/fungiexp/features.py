@@ -8,11 +8,11 @@ rest of the network on the stored outputs gives the same updates for a
 fraction of the arithmetic.
 
 The cache lives in memory when it fits ``trainer.feature_cache.memory_mb``,
-otherwise in ``.npy`` files under ``trainer.feature_cache.dir``, named by a
-hash of everything that determines the features: the images and their
-contents, the image size, and the frozen layers' configuration and weights
-(which also covers the preprocessing and the choice of weights). Runs of a
-sweep that share these reuse one cache.
+otherwise in ``.npy`` files under ``trainer.feature_cache.dir``. A file is
+named by a hash of everything that determines the features: the images and
+their contents, the image size, and the frozen layers' configuration and
+weights (which also covers the preprocessing and the choice of weights).
+Runs of a sweep that share these reuse one cache.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ class RunSchema:
 
 
 def with_defaults(cfg):
-    """Return ``cfg`` with every key the schema knows and ``cfg`` lacks set to its default.
+    """Return ``cfg`` with each schema key that ``cfg`` lacks set to its default.
 
     A config logged by an earlier version of fungiexp lacks the keys added
     since; resuming or reproducing that run fills them with the defaults
@@ -229,5 +229,4 @@ def with_defaults(cfg):
 
     defaults = OmegaConf.to_container(OmegaConf.structured(RunSchema), resolve=False)
     defaults.pop("reported", None)
-    merged = OmegaConf.merge(OmegaConf.create(defaults), cfg)
-    return merged
+    return OmegaConf.merge(OmegaConf.create(defaults), cfg)

@@ -101,7 +101,10 @@ def _field_at(node, parts: list[str]):
         annotation = arguments[0]
     if typing.get_origin(annotation) in (dict, typing.Dict) and len(parts) > 1:
         value_type = typing.get_args(annotation)[1]
-        return _field_at(value_type, parts[2:]) if dataclasses.is_dataclass(value_type) else (value_type if len(parts) == 2 else None)
+        if dataclasses.is_dataclass(value_type):
+            return _field_at(value_type, parts[2:])
+        # A plain value (a number, a string) has no fields below it.
+        return value_type if len(parts) == 2 else None
     return _field_at(annotation, parts[1:])
 
 
