@@ -3,9 +3,9 @@
 End to end: ``model.fit`` on the project's training dataset (decoded images
 cached, the default ``strong`` augmentation applied on the fly), as a run
 trains, and the same without augmentation. Compute only: ``model.fit`` on
-the same number of images held as one in-memory tensor. Without
-augmentation the ratio to compute-only shows whether the pipeline makes the
-model wait (1.0: never); with it, how much of the two cores the
+the same number of images held as one in-memory tensor. The ratio without
+augmentation shows whether the pipeline makes the model wait (1.0: never).
+The ratio with augmentation shows how much of the two cores the
 augmentation's own arithmetic takes.
 Each epoch is timed by the wall clock, so a stall at an epoch's end counts. Usage:
 

@@ -1,10 +1,10 @@
 """Benchmark 5: latency of the commands that do not train.
 
-Times, as a user's shell would, ``fungiexp --help``, ``fungiexp compare``
-on a store of a few runs, and ``fungiexp data check`` on a folder whose
-check is cached (unchanged since the last check); each in a new process, and
-also checks in-process that none of them imports TensorFlow. The target is
-under two seconds each. Usage:
+Times three commands as a user's shell runs them, each in a new process:
+``fungiexp --help``, ``fungiexp compare`` on a store of a few runs, and
+``fungiexp data check`` on a folder whose check is cached. It also checks
+that none of them imports TensorFlow. The target is under two seconds
+each. Usage:
 
     python benchmarks/startup.py [--quick] [--repeats 5]
 """

@@ -221,9 +221,9 @@ def with_defaults(cfg):
     """Return ``cfg`` with each schema key that ``cfg`` lacks set to its default.
 
     A config logged by an earlier version of fungiexp lacks the keys added
-    since; resuming or reproducing that run fills them with the defaults
-    (which match the YAML files), so it runs as it did. Keys ``cfg`` has are
-    kept as they are; unknown keys still fail validation later.
+    since. Resuming or reproducing that run fills them with the defaults,
+    which match the YAML files and leave the newer features off. Keys that
+    ``cfg`` has are kept, and unknown keys still fail validation later.
     """
     from omegaconf import OmegaConf
 

@@ -397,8 +397,8 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
         groups = len({record.source_image for record in splits["test"]})
         if groups < MIN_BOOTSTRAP_GROUPS:
             log.warning(
-                "The test split holds only %d source images: bootstrap intervals from so few are rough. "
-                "Use more images (dataset.limit_per_class) for intervals worth reporting",
+                "The test split contains only %d source images, too few for reliable bootstrap intervals. "
+                "Raise dataset.limit_per_class (or set it to null) for intervals worth reporting",
                 groups,
             )
         test["intervals"] = evaluate.bootstrap_intervals(
