@@ -62,17 +62,9 @@ def compare_main(args: list[str]) -> int:
 
 def run_compare(options) -> int:
     """Fetch the runs, build the table, print it and write the optional CSV and plot."""
-    from mlflow.tracking import MlflowClient
-
-    from fungiexp.tracking import resolve_tracking_uri
-
     uri, experiment = _defaults(options)
     require_store(uri)
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ConfigError("--experiment", f"experiment {experiment!r} not found in {uri}.")
-    runs = client.search_runs([found.experiment_id], max_results=5000)
+    runs = _fetch_runs(uri, experiment)
     parent = _sweep_parent(options.sweep, runs)
     runs = [
         run
@@ -106,9 +98,39 @@ def run_compare(options) -> int:
         figure.savefig(options.plot_file, dpi=120)
         print(f"Saved the plot to {options.plot_file}")
         if parent:
-            client.log_artifact(parent, options.plot_file, "compare")
+            from mlflow.tracking import MlflowClient
+
+            from fungiexp.tracking import resolve_tracking_uri
+
+            MlflowClient(tracking_uri=resolve_tracking_uri(uri)).log_artifact(parent, options.plot_file, "compare")
             print(f"Logged the plot to sweep run {parent}")
     return 0
+
+
+def _fetch_runs(uri: str, experiment: str) -> list:
+    """Return the active runs of ``experiment``, newest first.
+
+    A local SQLite store is read directly (see fungiexp.runstore), which
+    answers in a fraction of a second; other stores go through MLflow's client.
+    """
+    from fungiexp.runstore import ExperimentNotFound, read_runs
+
+    missing = ConfigError("--experiment", f"experiment {experiment!r} not found in {uri}.")
+    try:
+        runs = read_runs(uri, experiment)
+    except ExperimentNotFound:
+        raise missing from None
+    if runs is not None:
+        return runs
+    from mlflow.tracking import MlflowClient
+
+    from fungiexp.tracking import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise missing
+    return client.search_runs([found.experiment_id], max_results=5000)
 
 
 def differing_params(runs) -> list[str]:

@@ -1,0 +1,118 @@
+"""Read the runs of a local SQLite MLflow store without importing MLflow.
+
+`fungiexp compare` only reads finished runs' parameters, latest metrics and
+tags. Importing MLflow and opening its SQLAlchemy store takes about two
+seconds, so for a local ``sqlite:///`` store compare reads the store's tables
+directly, read-only. The reader checks the tables and columns it needs first.
+If the store cannot be opened or its schema differs, it returns None, and
+compare falls back to MLflow's client. A test checks that both give the same
+runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The tables and columns of MLflow's tracking schema that the reader uses (as in MLflow 3.17).
+REQUIRED_COLUMNS = {
+    "experiments": {"experiment_id", "name"},
+    "runs": {"run_uuid", "experiment_id", "status", "start_time", "lifecycle_stage"},
+    "params": {"run_uuid", "key", "value"},
+    "tags": {"run_uuid", "key", "value"},
+    "latest_metrics": {"run_uuid", "key", "value", "is_nan"},
+}
+
+
+@dataclass
+class RunInfo:
+    """The part of MLflow's RunInfo that compare reads."""
+
+    run_id: str
+    status: str
+    start_time: int
+
+
+@dataclass
+class RunData:
+    """Parameters, latest metric values and tags of one run."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StoredRun:
+    """A run as compare reads it: ``info`` and ``data``, named as in MLflow's Run."""
+
+    info: RunInfo
+    data: RunData
+
+
+class ExperimentNotFound(LookupError):
+    """The store has no experiment of that name."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """Return the database file of a ``sqlite:///`` URI, or None for any other URI."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return Path(uri[len(prefix) :]).expanduser()
+
+
+def read_runs(uri: str, experiment: str) -> list[StoredRun] | None:
+    """Return the active runs of ``experiment``, newest first, or None to use MLflow's client instead.
+
+    Raises:
+        ExperimentNotFound: the store has no experiment named ``experiment``.
+    """
+    path = sqlite_path(uri)
+    if path is None or not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        if not _has_expected_schema(connection):
+            return None
+        return _read(connection, experiment)
+    except sqlite3.Error:
+        return None
+    finally:
+        connection.close()
+
+
+def _has_expected_schema(connection: sqlite3.Connection) -> bool:
+    for table, columns in REQUIRED_COLUMNS.items():
+        found = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if not columns <= found:
+            return False
+    return True
+
+
+def _read(connection: sqlite3.Connection, experiment: str) -> list[StoredRun]:
+    found = connection.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
+    if found is None:
+        raise ExperimentNotFound(experiment)
+    selected = "SELECT run_uuid FROM runs WHERE experiment_id = ? AND lifecycle_stage = 'active'"
+    runs: dict[str, StoredRun] = {}
+    for run_id, status, start_time in connection.execute(
+        "SELECT run_uuid, status, start_time FROM runs WHERE experiment_id = ? AND lifecycle_stage = 'active' "
+        "ORDER BY start_time DESC, run_uuid",
+        found,
+    ):
+        runs[run_id] = StoredRun(RunInfo(run_id, status, int(start_time or 0)), RunData())
+    for run_id, key, value in connection.execute(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({selected})", found):
+        runs[run_id].data.params[key] = value
+    for run_id, key, value in connection.execute(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({selected})", found):
+        runs[run_id].data.tags[key] = value
+    for run_id, key, value, is_nan in connection.execute(
+        f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE run_uuid IN ({selected})", found
+    ):
+        runs[run_id].data.metrics[key] = math.nan if is_nan else float(value)
+    return list(runs.values())
