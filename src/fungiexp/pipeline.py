@@ -129,6 +129,86 @@ class RandomRot90(keras.layers.Layer):
         return {**super().get_config(), "seed": self.seed}
 
 
+def affine_transforms(angle, scale, shift_y, shift_x, height, width) -> tf.Tensor:
+    """Return one projective transform per image (rows of 8, as ImageProjectiveTransformV3 reads them).
+
+    Each maps an output pixel to the input pixel it samples: the output is
+    the input rotated by ``angle`` radians and scaled by 1 / ``scale`` about
+    the image centre, then moved by ``shift_x`` and ``shift_y`` pixels.
+    Arguments other than ``height`` and ``width`` are float32 vectors with one
+    value per image.
+    """
+    # input = A (output - centre) + centre - shift, with A = rotation x zoom.
+    cos = tf.cos(angle) * scale
+    sin = tf.sin(angle) * scale
+    centre_x = (width - 1.0) / 2.0
+    centre_y = (height - 1.0) / 2.0
+    offset_x = centre_x - cos * centre_x + sin * centre_y - shift_x
+    offset_y = centre_y - sin * centre_x - cos * centre_y - shift_y
+    zeros = tf.zeros_like(cos)
+    return tf.stack([cos, -sin, offset_x, sin, cos, offset_y, zeros, zeros], axis=1)
+
+
+class RandomAffine(keras.layers.Layer):
+    """Rotate, shift and zoom each image by random amounts in one resampling pass.
+
+    Keras's RandomRotation, RandomTranslation and RandomZoom each resample
+    the whole batch, so applying all three costs three passes. This layer
+    draws from the same ranges as those layers and composes one transform
+    about the image centre. The ranges: a rotation of up to ``rotation`` of a
+    full turn either way, shifts of up to ``height_shift`` and
+    ``width_shift`` of the image size, and a zoom factor in 1 +/- ``zoom``.
+    """
+
+    def __init__(
+        self,
+        rotation: float = 0.0,
+        height_shift: float = 0.0,
+        width_shift: float = 0.0,
+        zoom: float = 0.0,
+        fill_mode: str = "reflect",
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.rotation = rotation
+        self.height_shift = height_shift
+        self.width_shift = width_shift
+        self.zoom = zoom
+        self.fill_mode = fill_mode
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        shape = tf.shape(images)
+        count = shape[0]
+        height = tf.cast(shape[1], tf.float32)
+        width = tf.cast(shape[2], tf.float32)
+
+        def uniform(limit):
+            return keras.random.uniform((count,), -limit, limit, seed=self.generator)
+
+        angle = uniform(self.rotation * 2.0 * np.pi)
+        scale = 1.0 + uniform(self.zoom)
+        shift_y = uniform(self.height_shift) * height
+        shift_x = uniform(self.width_shift) * width
+        transforms = affine_transforms(angle, scale, shift_y, shift_x, height, width)
+        return keras.ops.image.affine_transform(images, transforms, interpolation="bilinear", fill_mode=self.fill_mode)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "rotation": self.rotation,
+            "height_shift": self.height_shift,
+            "width_shift": self.width_shift,
+            "zoom": self.zoom,
+            "fill_mode": self.fill_mode,
+            "seed": self.seed,
+        }
+
+
 def augmentation_generators(augmenter: keras.Sequential | None) -> list[keras.random.SeedGenerator]:
     """Return the seed generators of the augmentation layers, whose state a checkpoint keeps."""
     if augmenter is None:
@@ -159,16 +239,17 @@ def build_augmenter(aug_cfg: DictConfig, image_size: tuple[int, int], seed: int)
         layers.append(keras.layers.RandomFlip(flip, seed=seed))
     if aug_cfg.rot90:
         layers.append(RandomRot90(seed=seed + 1))
-    if aug_cfg.rotation_degrees > 0:
-        layers.append(keras.layers.RandomRotation(float(aug_cfg.rotation_degrees) / 360.0, fill_mode=fill_mode, seed=seed + 2))
-    if aug_cfg.width_shift > 0 or aug_cfg.height_shift > 0:
+    if aug_cfg.rotation_degrees > 0 or aug_cfg.width_shift > 0 or aug_cfg.height_shift > 0 or aug_cfg.zoom > 0:
         layers.append(
-            keras.layers.RandomTranslation(
-                float(aug_cfg.height_shift), float(aug_cfg.width_shift), fill_mode=fill_mode, seed=seed + 3
+            RandomAffine(
+                rotation=float(aug_cfg.rotation_degrees) / 360.0,
+                height_shift=float(aug_cfg.height_shift),
+                width_shift=float(aug_cfg.width_shift),
+                zoom=float(aug_cfg.zoom),
+                fill_mode=fill_mode,
+                seed=seed + 2,
             )
         )
-    if aug_cfg.zoom > 0:
-        layers.append(keras.layers.RandomZoom(float(aug_cfg.zoom), fill_mode=fill_mode, seed=seed + 4))
     if aug_cfg.brightness > 0:
         layers.append(keras.layers.RandomBrightness(float(aug_cfg.brightness), value_range=(0.0, 255.0), seed=seed + 5))
     if aug_cfg.contrast > 0:
