@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, compose_config, write_synthetic_dataset
-from fungiexp.callbacks import LAST_MODEL, atomic_save
+from fungiexp.callbacks import LAST_MODEL, InterruptGuard, atomic_save
 from fungiexp.train import train
 
 pytestmark = pytest.mark.slow
@@ -195,3 +196,12 @@ def test_old_logged_config_gets_new_defaults(make_config):
     assert restored.evaluation == current.evaluation
     assert restored.optimizer.schedule == "constant"
     assert restored.dataset.root == current.dataset.root
+
+
+def test_interrupt_guard_stops_after_lost_signal():
+    guard = InterruptGuard()
+    # A KeyboardInterrupt raised inside a finaliser is dropped by Python, as here.
+    with contextlib.suppress(KeyboardInterrupt):
+        guard.handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        guard.on_train_batch_end(0)

@@ -173,6 +173,36 @@ class EpochVariable(keras.callbacks.Callback):
         self.variable.assign(epoch)
 
 
+class InterruptGuard(keras.callbacks.Callback):
+    """Signal handler and callback that make sure an interrupt stops training.
+
+    ``handle`` raises KeyboardInterrupt, as Python's own SIGINT handler does.
+    Python ignores an exception raised while an object is being finalised
+    ("Exception ignored in ..."), so a signal that arrives during the clean-up
+    of a TensorFlow iterator would be lost and training would go on. The
+    guard therefore also records the signal and raises again after the next
+    batch or epoch.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+
+    def handle(self, signum, frame):
+        self.received = signum
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    def _check(self):
+        if self.received is not None:
+            raise KeyboardInterrupt(f"received signal {self.received}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check()
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Write the model, the best weights and the selection state after every epoch.
 

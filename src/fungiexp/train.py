@@ -34,6 +34,7 @@ from fungiexp.callbacks import (
     BestEpoch,
     EpochCheckpoint,
     EpochVariable,
+    InterruptGuard,
     MlflowEpochLogger,
     ValidationScores,
     read_state,
@@ -133,9 +134,10 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
         log.info("MLflow run %s in experiment %r (%s)", run.info.run_id, cfg.tracking.experiment, uri)
     checkpoint_dir = (Path(str(cfg.trainer.checkpoint_dir)) / run.info.run_id).resolve()
     try:
-        with _sigterm_as_interrupt():
+        guard = InterruptGuard()
+        with _signals_as_interrupt(guard.handle):
             mlflow.set_tags({**sweep_tags(), **(tags or {})})
-            result = _tracked_run(cfg, model, data, datasets, checkpoint_dir, resume_point)
+            result = _tracked_run(cfg, model, data, datasets, checkpoint_dir, resume_point, guard)
     except KeyboardInterrupt:
         # A second Ctrl-C during the clean-up below stops the process at once.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -330,7 +332,7 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
     return {label: total / (num_classes * counts[label]) if counts[label] else 0.0 for label in range(num_classes)}
 
 
-def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path, resume_point) -> dict:
+def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path, resume_point, guard: InterruptGuard) -> dict:
     codes = data.codes
     names = [info.display_name for info in data.infos]
     splits = data.splits
@@ -366,6 +368,7 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
             ),
             *callbacks,
             EpochVariable(epoch_variable),
+            guard,
         ],
         verbose=int(cfg.trainer.verbose),
         # The training dataset shuffles itself every epoch.
@@ -460,6 +463,7 @@ def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, dataset
     batch_size = int(cfg.trainer.batch_size)
     log.info("Frozen-feature cache: layers up to %s run once per image; %s and after train", frozen.boundary, frozen.suffix.layers[1].name)
     stored = {}
+    started = time.perf_counter()
     for name in ("train", "val"):
         records = data.splits[name]
         # The plain, ordered images of the split, whatever the training pipeline does.
@@ -467,6 +471,8 @@ def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, dataset
         key = features.cache_key(frozen.prefix, image_size, records, data.report.file_hashes, str(settings.dtype))
         stored[name] = features.features_for(frozen.prefix, images, len(records), key, settings, name, budget)
     actions = " and ".join(sorted(set(budget.get("actions", []))))
+    # Building or loading the features of both splits, before the first epoch.
+    mlflow.log_metric("time/feature_cache_seconds", time.perf_counter() - started)
     mlflow.set_tag("fungiexp.feature_cache", f"used ({actions}): layers up to {frozen.boundary} cached as {settings.dtype}")
 
     suffix = frozen.suffix
@@ -647,20 +653,18 @@ def _logged_history(run_id: str) -> dict[str, list[float]]:
 
 
 @contextmanager
-def _sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt while training, so both end the run the same way."""
+def _signals_as_interrupt(handler):
+    """Let ``handler`` take SIGINT and SIGTERM while training, so both end the run the same way."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"received signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
 
 
 def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, tta: bool = False) -> np.ndarray:
