@@ -79,3 +79,35 @@ def test_bootstrap_is_reproducible_from_its_seed():
     first = evaluate.bootstrap_intervals(y_true, y_pred, names, ["H1", "H2", "H3"], resamples=200, seed=7)
     again = evaluate.bootstrap_intervals(y_true, y_pred, names, ["H1", "H2", "H3"], resamples=200, seed=7)
     assert first == again
+
+
+def test_offsets_recover_underpredicted_class():
+    rng = np.random.default_rng(0)
+    y_true = np.repeat([0, 1, 2], 50)
+    probabilities = np.full((150, 3), 0.1)
+    probabilities[np.arange(150), y_true] = 0.5
+    # Class 2 is scored just below class 0, so it is never predicted until its offset rises.
+    probabilities[y_true == 2, 0] = 0.55
+    probabilities += rng.uniform(0, 0.02, probabilities.shape)
+    before = macro_f1(y_true, probabilities, 3)
+
+    offsets = evaluate.tune_class_offsets(y_true, probabilities, 3)
+    after = macro_f1(y_true, evaluate.apply_class_offsets(probabilities, offsets), 3)
+
+    assert before < 0.7
+    assert after > 0.95
+    assert offsets[2] > offsets[0]
+
+
+def test_offsets_stay_zero_without_gain():
+    y_true = np.array([0, 1, 2, 0, 1, 2])
+    offsets = evaluate.tune_class_offsets(y_true, one_hot(y_true, 3) * 0.8 + 0.05, 3)
+    assert np.all(offsets == 0)
+
+
+def test_applied_offsets_keep_rows_normalised():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    shifted = evaluate.apply_class_offsets(probabilities, [0.0, 2.0, 0.0])
+    assert np.allclose(shifted.sum(axis=1), 1.0)
+    assert np.argmax(shifted[0]) == 1
+    assert np.allclose(evaluate.apply_class_offsets(probabilities, [0.0, 0.0, 0.0]), probabilities)

@@ -149,3 +149,20 @@ def test_group_scores_average_patches():
     probabilities = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]])
     scores = group_scores(records, probabilities, 2, "source_image")
     assert scores == {"accuracy": 1.0, "macro_f1": 1.0, "count": 2}
+
+
+def test_predict_applies_logged_class_offsets(quick_overrides, synthetic_root, tmp_path, monkeypatch, capsys):
+    from conftest import compose_config
+    from fungiexp import evaluate
+
+    # Offsets this large make every image H6, whatever the model says.
+    monkeypatch.setattr(evaluate, "tune_class_offsets", lambda *args, **kwargs: np.array([0.0, 0.0, 0.0, 0.0, 30.0]))
+    result = train(compose_config([*quick_overrides, "evaluation.class_offsets.tune=true"]))
+    output = tmp_path / "predictions.csv"
+
+    status = predict_main([result["run_id"], str(synthetic_root / "TSH"), "--output", str(output), "--tracking-uri", result["tracking_uri"]])
+
+    assert status == 0
+    rows = read_csv(output)
+    assert rows
+    assert {row["predicted"] for row in rows} == {"H6"}

@@ -238,7 +238,7 @@ def test_manifest_run_uses_same_test_set(make_config, tmp_path):
     assert rerun.data.params["data.test_images"] == run.data.params["data.test_images"]
 
 
-def test_from_scratch_recipe_options_run_and_log_intervals(make_config):
+def test_from_scratch_recipe_options_run_and_log_intervals(make_config, tmp_path):
     cfg = make_config(
         "trainer.epochs=2",
         "model.batch_norm=true",
@@ -249,6 +249,7 @@ def test_from_scratch_recipe_options_run_and_log_intervals(make_config):
         "trainer.precision=mixed_bfloat16",
         "evaluation.tta=true",
         "evaluation.bootstrap.resamples=200",
+        "evaluation.class_offsets.tune=true",
     )
     result = train(cfg)
     client, run = stored_run(result)
@@ -260,6 +261,11 @@ def test_from_scratch_recipe_options_run_and_log_intervals(make_config):
         assert metrics[f"test/{name}_ci_low"] <= metrics[f"test/{name}"] <= metrics[f"test/{name}_ci_high"], name
     assert run.data.tags["fungiexp.bootstrap.unit"] == "source_image"
     assert "intervals" in result["test"]
+    for name in ("offsets/H1", "offsets/H6", "val/offsets_macro_f1", "test/without_offsets/macro_f1"):
+        assert name in metrics, name
+    assert metrics["val/offsets_macro_f1"] >= metrics["val/best_macro_f1"]
+    offsets = json.loads(artifact_text(client, run.info.run_id, "evaluation/class_offsets.json", tmp_path))
+    assert offsets["codes"] == ["H1", "H2", "H3", "H5", "H6"]
     # The next job of a sweep starts in float32 again.
     assert keras.mixed_precision.global_policy().name == "float32"
 
@@ -293,9 +299,25 @@ def test_selection_never_reads_the_test_split(make_config, monkeypatch, tmp_path
         finally:
             phase["fitting"] = False
 
+    real_tune = train_module.evaluate.tune_class_offsets
+    reads_before_tuning = []
+
+    def spying_tune(*args, **kwargs):
+        reads_before_tuning.extend(files for files, _ in reads)
+        return real_tune(*args, **kwargs)
+
     monkeypatch.setattr(train_module, "make_dataset", spying_make_dataset)
     monkeypatch.setattr(keras.Model, "fit", spying_fit)
-    result = train(make_config("trainer.epochs=3", "trainer.monitor=val_macro_f1", "trainer.early_stopping.patience=1", "augmentation=none"))
+    monkeypatch.setattr(train_module.evaluate, "tune_class_offsets", spying_tune)
+    result = train(
+        make_config(
+            "trainer.epochs=3",
+            "trainer.monitor=val_macro_f1",
+            "trainer.early_stopping.patience=1",
+            "augmentation=none",
+            "evaluation.class_offsets.tune=true",
+        )
+    )
 
     client, run = stored_run(result)
     rows = list(csv.DictReader(io.StringIO(artifact_text(client, run.info.run_id, "data/split.csv", tmp_path))))
@@ -305,6 +327,9 @@ def test_selection_never_reads_the_test_split(make_config, monkeypatch, tmp_path
     assert split_files["val"] in during_fit
     assert split_files["test"] not in during_fit
     assert split_files["test"] in after_fit
+    # The class offsets are chosen before the test split is read.
+    assert reads_before_tuning
+    assert split_files["test"] not in reads_before_tuning
 
 
 def test_images_cached_on_disk_above_the_memory_budget(make_config, tmp_path, caplog):

@@ -31,6 +31,8 @@ INVALID = [
     (["optimizer.schedule=step"], r"optimizer.schedule: must be one of constant, cosine; got 'step'"),
     (["model=small_cnn_bn", "model.stem_stride=3"], r"model.stem_stride: must be 1 or 2; got 3"),
     (["evaluation.bootstrap.confidence=95"], r"evaluation.bootstrap.confidence: must be between 0 and 1"),
+    (["evaluation.class_offsets.max_abs=0"], r"evaluation.class_offsets.max_abs: must be positive"),
+    (["evaluation.class_offsets.steps=1"], r"evaluation.class_offsets: steps must be 2 or more"),
     (["trainer.feature_cache.dtype=int8"], r"trainer.feature_cache.dtype: must be one of float32, float16; got 'int8'"),
     (["evaluation.tta=maybe"], r"evaluation.tta: invalid value 'maybe': expected true or false"),
     (["trainer.batch_size=abc"], r"trainer.batch_size: invalid value 'abc': expected an integer"),

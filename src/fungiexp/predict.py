@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import re
 import sys
@@ -52,7 +53,9 @@ def run_predict(options) -> int:
     """Load the run's model and config, classify every image, write the CSV files."""
     from fungiexp.images import class_infos, is_image_name, is_system_file, read_rgb
 
-    model, cfg = load_run_model(options.run_id, options.tracking_uri)
+    from fungiexp.evaluate import apply_class_offsets
+
+    model, cfg, offsets = load_run_model(options.run_id, options.tracking_uri)
     infos = class_infos(cfg.dataset)
     image_size = tuple(int(side) for side in cfg.dataset.image_size)
 
@@ -77,6 +80,8 @@ def run_predict(options) -> int:
     rows = []
     if good:
         probabilities = model.predict(np.stack(images).astype("float32"), batch_size=options.batch_size, verbose=0)
+        if offsets is not None:
+            probabilities = apply_class_offsets(probabilities, offsets)
         rows = _prediction_rows(good, probabilities, infos)
         _write_csv(Path(options.output), rows, infos)
         print(_format_rows(rows, infos, "file"))
@@ -101,7 +106,7 @@ def run_predict(options) -> int:
 
 
 def load_run_model(run_id: str, tracking_uri: str | None):
-    """Download and load a run's Keras model (safe mode) and its resolved config."""
+    """Download and load a run's Keras model (safe mode), its resolved config and its class offsets (None if not tuned)."""
     import tempfile
 
     import keras
@@ -110,6 +115,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
+    from fungiexp.evaluate import OFFSETS_ARTIFACT
     from fungiexp.tracking import resolve_tracking_uri
 
     if tracking_uri is None:
@@ -134,11 +140,19 @@ def load_run_model(run_id: str, tracking_uri: str | None):
                 "run id",
                 f"run {run_id} has no logged model (model/model.keras); it ran with tracking.log_model=false or did not finish.",
             ) from error
+        offsets = None
+        try:
+            offsets_path = client.download_artifacts(run_id, OFFSETS_ARTIFACT, folder)
+        except (MlflowException, OSError):
+            pass  # the run did not tune class offsets
+        else:
+            offsets = json.loads(Path(offsets_path).read_text())["offsets"]
+            log.info("Applying the class offsets that run %s chose on its validation split: %s", run_id, offsets)
         log.info("Loading the model of run %s from %s", run_id, tracking_uri)
         model = keras.saving.load_model(model_path, safe_mode=True)
         config = OmegaConf.load(config_path)
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    return model, config
+    return model, config, offsets
 
 
 def _prediction_rows(paths, probabilities, infos) -> list[dict]:

@@ -168,9 +168,18 @@ class BootstrapSchema:
 
 
 @dataclass
+class ClassOffsetsSchema:
+    tune: bool = False
+    max_abs: float = 1.5
+    steps: int = 31
+    rounds: int = 3
+
+
+@dataclass
 class EvaluationSchema:
     tta: bool = False
     bootstrap: BootstrapSchema = field(default_factory=BootstrapSchema)
+    class_offsets: ClassOffsetsSchema = field(default_factory=ClassOffsetsSchema)
 
 
 @dataclass

@@ -391,9 +391,14 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     val_macro_f1 = evaluate.macro_f1(val_true, val_probabilities, len(codes))
     val_accuracy = float(np.mean(np.argmax(val_probabilities, axis=1) == val_true))
     mlflow.log_metrics({"val/best_macro_f1": val_macro_f1, "val/best_accuracy": val_accuracy})
+    offsets = _tune_class_offsets(cfg.evaluation.class_offsets, val_true, val_probabilities, codes)
     # The test split is read once, here, after training and selection have ended.
     test_probabilities = predict_probabilities(model, test_ds, tta)
     test_true = np.array([record.label for record in splits["test"]])
+    if offsets is not None:
+        plain = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
+        mlflow.log_metrics({f"test/without_offsets/{key}": plain[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")})
+        test_probabilities = evaluate.apply_class_offsets(test_probabilities, offsets)
     test = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
     bootstrap = cfg.evaluation.bootstrap
     if int(bootstrap.resamples) > 0:
@@ -438,6 +443,24 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     _log_job_log()
 
     return {"test": test, "val_macro_f1": val_macro_f1, "val_accuracy": val_accuracy, "history": history}
+
+
+def _tune_class_offsets(settings: DictConfig, val_true: np.ndarray, val_probabilities: np.ndarray, codes: list[str]):
+    """Choose and log per-class offsets on the validation split, or return None when ``tune`` is off."""
+    if not settings.tune:
+        return None
+    offsets = evaluate.tune_class_offsets(
+        val_true, val_probabilities, len(codes), float(settings.max_abs), int(settings.steps), int(settings.rounds)
+    )
+    tuned = evaluate.macro_f1(val_true, evaluate.apply_class_offsets(val_probabilities, offsets), len(codes))
+    log.info(
+        "Class offsets chosen on the validation split: %s (validation macro-F1 %.4f with them)",
+        ", ".join(f"{code} {value:+.2f}" for code, value in zip(codes, offsets)),
+        tuned,
+    )
+    mlflow.log_metrics({"val/offsets_macro_f1": tuned, **{tracking.metric_name(f"offsets/{code}"): value for code, value in zip(codes, offsets)}})
+    mlflow.log_dict({"codes": codes, "offsets": [float(value) for value in offsets]}, evaluate.OFFSETS_ARTIFACT)
+    return offsets
 
 
 def _fit_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData, datasets):

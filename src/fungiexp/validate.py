@@ -355,6 +355,13 @@ def _check_evaluation(evaluation: DictConfig) -> None:
         raise ConfigError("evaluation.bootstrap.resamples", f"must be 0 (no intervals) or positive, 1000 or more for stable intervals; got {bootstrap.resamples}.")
     if not 0.0 < bootstrap.confidence < 1.0:
         raise ConfigError("evaluation.bootstrap.confidence", f"must be between 0 and 1, for example 0.95; got {bootstrap.confidence}.")
+    offsets = evaluation.class_offsets
+    if offsets.max_abs <= 0:
+        raise ConfigError("evaluation.class_offsets.max_abs", f"must be positive, for example 1.5; got {offsets.max_abs}.")
+    if offsets.steps < 2 or offsets.rounds < 1:
+        raise ConfigError(
+            "evaluation.class_offsets", f"steps must be 2 or more and rounds 1 or more; got steps={offsets.steps}, rounds={offsets.rounds}."
+        )
 
 
 def check_tracking_store(uri: str) -> None:
