@@ -166,3 +166,30 @@ def test_predict_applies_logged_class_offsets(quick_overrides, synthetic_root, t
     rows = read_csv(output)
     assert rows
     assert {row["predicted"] for row in rows} == {"H6"}
+
+
+def test_evaluate_scores_logged_model_again(finished_run, capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    status = evaluate_main([finished_run["run_id"], "evaluation.class_offsets.tune=true", "--tracking-uri", finished_run["tracking_uri"]])
+
+    assert status == 0
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    original = client.get_run(finished_run["run_id"])
+    (again,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.`fungiexp.evaluates` = '{finished_run['run_id']}'")
+    assert again.info.status == "FINISHED"
+    assert again.data.params["evaluation.class_offsets.tune"] == "True"
+    assert again.data.params["data.test_images"] == original.data.params["data.test_images"]
+    # The same model on the same split: without offsets, the original scores.
+    assert again.data.metrics["test/without_offsets/macro_f1"] == pytest.approx(original.data.metrics["test/macro_f1"])
+    assert "offsets/H1" in again.data.metrics
+    assert "Test results on" in capsys.readouterr().out
+
+
+def test_evaluate_rejects_training_overrides(finished_run, capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    status = evaluate_main([finished_run["run_id"], "trainer.epochs=3", "--tracking-uri", finished_run["tracking_uri"]])
+
+    assert status == 1
+    assert "evaluate changes only evaluation settings" in capsys.readouterr().err

@@ -11,6 +11,7 @@ usage: fungiexp COMMAND [ARGS...]
 Commands:
   compare  List runs of an experiment or sweep with the parameters that differ and their metrics.
   data     Fetch the data set (`data fetch`) or check it for bad files (`data check`).
+  evaluate Score a logged run's model again with other evaluation.* settings, without training.
   predict  Classify new images with the model of a logged run (`predict RUN_ID PATH...`).
   reproduce
            Rerun experiments/NAME.yaml or a logged run id and compare its metrics.
@@ -81,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return reproduce_main(rest)
 
-    print(f"fungiexp: unknown command {command!r}; valid commands: compare, data, predict, reproduce, train, ui.\n", file=sys.stderr)
+    if command == "evaluate":
+        from fungiexp.reevaluate import evaluate_main
+
+        return evaluate_main(rest)
+
+    print(f"fungiexp: unknown command {command!r}; valid commands: compare, data, evaluate, predict, reproduce, train, ui.\n", file=sys.stderr)
     print(USAGE, end="", file=sys.stderr)
     return 2
 

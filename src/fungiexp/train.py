@@ -334,9 +334,8 @@ def class_weights(labels: list[int], num_classes: int, mode: str) -> dict[int, f
 
 def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path, resume_point, guard: InterruptGuard) -> dict:
     codes = data.codes
-    names = [info.display_name for info in data.infos]
     splits = data.splits
-    train_ds, val_ds, test_ds, augmenter, epoch_variable = datasets
+    _, _, _, augmenter, epoch_variable = datasets
 
     if resume_point is None:
         log.info("Logging config, split and provenance")
@@ -384,6 +383,21 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
     # Read the curves back from MLflow, so that a resumed run plots every epoch.
     history = _logged_history(mlflow.active_run().info.run_id)
 
+    return evaluate_and_log(cfg, model, data, datasets, history)
+
+
+def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, datasets, history: dict[str, list[float]]) -> dict:
+    """Score the trained model on the validation and test splits and log metrics, figures, report and model.
+
+    Runs inside an active MLflow run. ``history`` holds the per-epoch curves to plot.
+
+    Returns:
+        A dict with ``test``, ``val_macro_f1``, ``val_accuracy`` and ``history``.
+    """
+    _, val_ds, test_ds, _, _ = datasets
+    codes = data.codes
+    names = [info.display_name for info in data.infos]
+    splits = data.splits
     tta = bool(cfg.evaluation.tta)
     log.info("Evaluating on the validation and test splits%s", " with test-time augmentation (mean over 4 flipped views)" if tta else "")
     val_probabilities = predict_probabilities(model, val_ds, tta)
