@@ -160,7 +160,8 @@ def test_predict_applies_logged_class_offsets(quick_overrides, synthetic_root, t
     result = train(compose_config([*quick_overrides, "evaluation.class_offsets.tune=true"]))
     output = tmp_path / "predictions.csv"
 
-    status = predict_main([result["run_id"], str(synthetic_root / "TSH"), "--output", str(output), "--tracking-uri", result["tracking_uri"]])
+    # The 8-character id that fungiexp compare prints is enough.
+    status = predict_main([result["run_id"][:8], str(synthetic_root / "TSH"), "--output", str(output), "--tracking-uri", result["tracking_uri"]])
 
     assert status == 0
     rows = read_csv(output)

@@ -72,6 +72,7 @@ def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert run.info.status == "KILLED", stderr[-3000:]
+    assert run.data.tags["fungiexp.resume_command"] == f"fungiexp train trainer.resume={run.info.run_id}"
     checkpoint = Path(run.data.tags["fungiexp.checkpoint_dir"])
     completed = json.loads((checkpoint / "state.json").read_text())["epoch"]
     assert 2 <= completed < 5
@@ -205,3 +206,13 @@ def test_interrupt_guard_stops_after_lost_signal():
         guard.handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         guard.on_train_batch_end(0)
+
+
+def test_resume_warns_about_ignored_overrides(caplog):
+    from fungiexp.train import _warn_ignored_on_resume
+
+    logged = compose_config(["trainer.epochs=30"])
+    requested = compose_config(["trainer.epochs=14", "trainer.resume=last"])
+    with caplog.at_level("WARNING"):
+        _warn_ignored_on_resume(requested, logged)
+    assert "these settings are ignored: trainer.epochs=14 (run has 30)" in caplog.text

@@ -9,7 +9,8 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from fungiexp.runstore import ExperimentNotFound, read_runs
+from fungiexp.errors import ConfigError
+from fungiexp.runstore import ExperimentNotFound, read_runs, resolve_run_id
 
 
 @pytest.fixture()
@@ -72,3 +73,23 @@ def test_reader_declines_other_stores(tmp_path):
     with sqlite3.connect(unexpected) as connection:
         connection.execute("CREATE TABLE runs (run_uuid TEXT)")
     assert read_runs(f"sqlite:///{unexpected}", "chosen") is None
+
+
+def test_run_id_prefix_resolves_to_full_id(store):
+    uri, client, chosen = store
+    run_ids = [run.info.run_id for run in client.search_runs([chosen])]
+    target = run_ids[0]
+    assert resolve_run_id(uri, target[:8]) == target
+    assert resolve_run_id(uri, target) == target
+    assert resolve_run_id(uri, "ffffffffzz") == "ffffffffzz"
+
+
+def test_ambiguous_run_id_prefix_raises(store):
+    uri, client, chosen = store
+    # Seventeen hexadecimal ids always include two with the same first character.
+    first = [run.info.run_id[0] for run in client.search_runs([chosen])]
+    while len(set(first)) == len(first):
+        first.append(client.create_run(chosen).info.run_id[0])
+    shared = next(character for character in first if first.count(character) > 1)
+    with pytest.raises(ConfigError, match="is the start of"):
+        resolve_run_id(uri, shared)

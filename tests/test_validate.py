@@ -113,6 +113,22 @@ def test_override_keys_are_checked_against_the_schema(key, message):
     assert unknown_override_key(key) == message
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("modle=vgg16", "modle: unknown key. Did you mean model?"),
+        ("experiment=notebook_small_cnn", "experiment: this config group is not in the defaults list, so add it with a plus: +experiment=notebook_small_cnn"),
+        ("model=vgg16", None),
+        ("hydra/launcher=joblib", None),
+        ("+experiment=notebook_small_cnn", None),
+    ],
+)
+def test_group_names_are_checked(override, message):
+    from fungiexp.validate import check_overrides
+
+    assert check_overrides([override]) == message
+
+
 def test_cli_names_a_misspelt_override_key():
     completed = subprocess.run(
         [sys.executable, "-m", "fungiexp", "train", "trainer.epoch=3"], capture_output=True, text=True, check=False

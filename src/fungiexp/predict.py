@@ -55,7 +55,7 @@ def run_predict(options) -> int:
 
     from fungiexp.evaluate import apply_class_offsets
 
-    model, cfg, offsets = load_run_model(options.run_id, options.tracking_uri)
+    model, cfg, offsets, _ = load_run_model(options.run_id, options.tracking_uri)
     infos = class_infos(cfg.dataset)
     image_size = tuple(int(side) for side in cfg.dataset.image_size)
 
@@ -106,7 +106,7 @@ def run_predict(options) -> int:
 
 
 def load_run_model(run_id: str, tracking_uri: str | None):
-    """Download and load a run's Keras model (safe mode), its resolved config and its class offsets (None if not tuned)."""
+    """Download and load a run's Keras model (safe mode), its resolved config, its class offsets (None if not tuned) and its full id."""
     import tempfile
 
     import keras
@@ -116,6 +116,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     from omegaconf import OmegaConf
 
     from fungiexp.evaluate import OFFSETS_ARTIFACT
+    from fungiexp.runstore import resolve_run_id
     from fungiexp.tracking import resolve_tracking_uri
 
     if tracking_uri is None:
@@ -125,6 +126,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     from fungiexp.compare import require_store
 
     require_store(tracking_uri)
+    run_id = resolve_run_id(resolve_tracking_uri(tracking_uri), run_id)
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     try:
         client.get_run(run_id)
@@ -152,7 +154,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         model = keras.saving.load_model(model_path, safe_mode=True)
         config = OmegaConf.load(config_path)
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    return model, config, offsets
+    return model, config, offsets, run_id
 
 
 def _prediction_rows(paths, probabilities, infos) -> list[dict]:

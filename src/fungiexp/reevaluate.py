@@ -67,31 +67,31 @@ def run_evaluate(options) -> int:
     from fungiexp.train import _log_job_log, _logged_history, _make_datasets, evaluate_and_log
     from fungiexp.validate import validate_config
 
-    model, cfg, _ = load_run_model(options.run_id, options.tracking_uri)
+    model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
     cfg = with_defaults(cfg)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item.lstrip("+") for item in options.overrides]))
     validate_config(cfg)
 
     client = MlflowClient()
-    original = client.get_run(options.run_id)
+    original = client.get_run(run_id)
     data = prepare_data(cfg.dataset)
     expected = original.data.tags.get("fungiexp.data.split_sha256")
     if expected and fingerprint(data.manifest) != expected:
         raise ConfigError(
             "dataset",
-            f"the images in {cfg.dataset.root} give another split than run {options.run_id} had. "
+            f"the images in {cfg.dataset.root} give another split than run {run_id} had. "
             "Restore the data the run used (see its data/split.csv artifact).",
         )
     datasets = _make_datasets(cfg, data, tuple(int(side) for side in cfg.dataset.image_size))
-    history = _logged_history(options.run_id)
+    history = _logged_history(run_id)
 
-    name = f"{original.info.run_name or options.run_id[:8]} evaluated"
+    name = f"{original.info.run_name or run_id[:8]} evaluated"
     # The original parameters (split sizes, parameter counts), then the config as now evaluated.
     params = {**original.data.params, **tracking.flatten_config(cfg)}
     with mlflow.start_run(experiment_id=original.info.experiment_id, run_name=name) as run:
-        log.info("MLflow run %s evaluates the model of run %s", run.info.run_id, options.run_id)
+        log.info("MLflow run %s evaluates the model of run %s", run.info.run_id, run_id)
         data_tags = {key: value for key, value in original.data.tags.items() if key.startswith(("fungiexp.data.", "fungiexp.sweep.parent"))}
-        mlflow.set_tags({**tracking.provenance_tags(), **data_tags, EVALUATES_TAG: options.run_id})
+        mlflow.set_tags({**tracking.provenance_tags(), **data_tags, EVALUATES_TAG: run_id})
         tracking.log_params(params)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
         result = evaluate_and_log(cfg, model, data, datasets, history)

@@ -125,10 +125,12 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     from fungiexp import tracking
     from fungiexp.data import prepare_data
     from fungiexp.datacli import compose_config
+    from fungiexp.runstore import resolve_run_id
     from fungiexp.validate import validate_config
 
     current = compose_config(overrides)
-    tracking.setup_tracking(current.tracking)
+    uri, _ = tracking.setup_tracking(current.tracking)
+    run_id = resolve_run_id(uri, run_id)
     client = MlflowClient()
     try:
         original = client.get_run(run_id)

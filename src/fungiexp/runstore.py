@@ -116,3 +116,32 @@ def _read(connection: sqlite3.Connection, experiment: str) -> list[StoredRun]:
     ):
         runs[run_id].data.metrics[key] = math.nan if is_nan else float(value)
     return list(runs.values())
+
+
+def resolve_run_id(uri: str, run_id: str) -> str:
+    """Return the full id of the run whose id starts with ``run_id`` in a local SQLite store.
+
+    `fungiexp compare` prints the first 8 characters of each id, so the
+    commands that take a run id accept such a prefix. A full id, another kind
+    of store, or a prefix that matches no run is returned unchanged, and the
+    command then reports the run as not found.
+
+    Raises:
+        ConfigError: more than one run starts with ``run_id``.
+    """
+    from fungiexp.errors import ConfigError
+
+    path = sqlite_path(uri)
+    if len(run_id) >= 32 or path is None or not path.is_file() or not run_id.isalnum():
+        return run_id
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            found = [row[0] for row in connection.execute("SELECT run_uuid FROM runs WHERE run_uuid LIKE ?", (f"{run_id}%",))]
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return run_id
+    if len(found) > 1:
+        raise ConfigError("run id", f"{run_id!r} is the start of {len(found)} run ids; give more characters.")
+    return found[0] if found else run_id

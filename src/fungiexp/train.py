@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
+# Set on a run that was interrupted after a checkpoint: the command that continues it.
+RESUME_TAG = "fungiexp.resume_command"
 # Fewer test source images than this make the bootstrap intervals rough (a rule of thumb).
 MIN_BOOTSTRAP_GROUPS = 30
 
@@ -73,6 +75,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     if cfg.trainer.get("resume"):
         uri, experiment_id = tracking.setup_tracking(cfg.tracking)
         resume_point = find_resume_point(cfg, experiment_id)
+        _warn_ignored_on_resume(cfg, resume_point.config)
         cfg = resume_point.config
         validate_config(cfg)
     else:
@@ -92,6 +95,24 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
         _forget_custom_gradients(gradients_before)
         gc.collect()
         _return_freed_memory()
+
+
+def _warn_ignored_on_resume(requested: DictConfig, logged: DictConfig) -> None:
+    """Log the keys whose requested value differs from the resumed run's logged config, which wins."""
+    requested_values = tracking.flatten_config(requested)
+    logged_values = tracking.flatten_config(logged)
+    ignored = sorted(
+        key
+        for key, value in requested_values.items()
+        if key in logged_values
+        and logged_values[key] != value
+        and not key.startswith(("trainer.resume", "tracking.", "dataset.root", "dataset.source"))
+    )
+    if ignored:
+        log.warning(
+            "trainer.resume continues the run with its logged config, so these settings are ignored: %s",
+            ", ".join(f"{key}={requested_values[key]} (run has {logged_values[key]})" for key in ignored),
+        )
 
 
 def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) -> dict:
@@ -141,11 +162,18 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
     except KeyboardInterrupt:
         # A second Ctrl-C during the clean-up below stops the process at once.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        log.warning(
-            "Interrupted; MLflow run %s ends as KILLED. Continue it with trainer.resume=%s",
-            run.info.run_id,
-            run.info.run_id,
-        )
+        if read_state(checkpoint_dir) is not None:
+            log.warning(
+                "Interrupted; MLflow run %s ends as KILLED. Continue it with trainer.resume=%s",
+                run.info.run_id,
+                run.info.run_id,
+            )
+            mlflow.set_tag(RESUME_TAG, f"fungiexp train trainer.resume={run.info.run_id}")
+        else:
+            log.warning(
+                "Interrupted before the first epoch ended; MLflow run %s ends as KILLED with no checkpoint to resume, so start a new run",
+                run.info.run_id,
+            )
         _log_job_log()
         mlflow.end_run("KILLED")
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -389,7 +417,7 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
 def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, datasets, history: dict[str, list[float]]) -> dict:
     """Score the trained model on the validation and test splits and log metrics, figures, report and model.
 
-    Runs inside an active MLflow run. ``history`` holds the per-epoch curves to plot.
+    Runs inside an active MLflow run. ``history`` contains the per-epoch curves to plot.
 
     Returns:
         A dict with ``test``, ``val_macro_f1``, ``val_accuracy`` and ``history``.

@@ -114,6 +114,10 @@ def _expected_type(key: str) -> str:
     return names.get(annotation, "another type")
 
 
+# Config groups that a run has only when an override adds them (+experiment=NAME).
+OPTIONAL_GROUPS = ("experiment", "search")
+
+
 def unknown_override_key(key: str) -> str | None:
     """Return an error message if the dotted config ``key`` of a command-line override does not exist, else None.
 
@@ -140,13 +144,16 @@ def unknown_override_key(key: str) -> str | None:
 def check_overrides(args: list[str]) -> str | None:
     """Return the error for the first ``KEY=VALUE`` override whose dotted key the config lacks, or None.
 
-    Overrides with ``+``, ``~`` or ``++``, group choices (no dot), flags and
-    Hydra's own keys are left to Hydra.
+    Overrides with ``+``, ``~`` or ``++``, flags and Hydra's own keys are
+    left to Hydra. A key without a dot must name a config group or section
+    (``model=vgg16``).
     """
     for arg in args:
         key, equals, _ = arg.partition("=")
-        if not equals or key.startswith(("+", "~", "-", "hydra.")) or "." not in key:
+        if not equals or key.startswith(("+", "~", "-", "hydra.", "hydra/")):
             continue
+        if key in OPTIONAL_GROUPS:
+            return f"{key}: this config group is not in the defaults list, so add it with a plus: +{arg}"
         problem = unknown_override_key(key)
         if problem:
             return problem
