@@ -81,6 +81,30 @@ def test_doctored_experiment_fails(synthetic_root, tmp_path, quick_overrides, mo
     assert row.rstrip().endswith("NO")
 
 
+def test_seed_mean_is_compared(tmp_path, quick_overrides, monkeypatch, capsys):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf, symlinks=False)
+    (conf / "experiment" / "seeded.yaml").write_text(
+        "# @package _global_\n"
+        "reported:\n"
+        "  tolerance: 0.01\n"
+        "  metrics:\n"
+        "    test/accuracy: 0.5\n"
+        "  seeds: [1, 2]\n"
+        "  mean:\n"
+        "    test/accuracy: 1.5\n"
+    )
+    monkeypatch.setenv("FUNGIEXP_CONFIG_DIR", str(conf))
+    status = reproduce_main([str(conf / "experiment" / "seeded.yaml"), "--seeds", *quick_overrides])
+    output = capsys.readouterr().out
+
+    assert status == 1
+    assert "the mean over seeds [1, 2]" in output
+    client = MlflowClient(tracking_uri=next(item for item in quick_overrides if item.startswith("tracking.uri=")).split("=", 1)[1])
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert sorted(run.data.params["trainer.seed"] for run in runs) == ["1", "2"]
+
+
 def test_experiment_needing_imagenet_stops(quick_overrides, capsys):
     status = reproduce_main(["experiments/notebook_vgg16_block5.yaml", *quick_overrides])
     assert status == 1

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fungiexp.errors import ConfigError, FungiexpError
@@ -33,6 +34,9 @@ Rerun a reported experiment or a logged MLflow run and compare its metrics.
       Runs `fungiexp train +experiment=NAME` and compares the test metrics with
       the file's `reported` block. Exits with status 1 when a metric is outside
       its tolerance.
+  fungiexp reproduce experiments/NAME.yaml --seeds
+      Runs the experiment once per seed of `reported.seeds` and compares the
+      mean of each metric with `reported.mean`.
   fungiexp reproduce RUN_ID [OVERRIDES...]
       Reruns a logged run from its logged config and split, tags the new run
       with the original's id, and compares every test metric.
@@ -55,6 +59,11 @@ def reproduce_main(args: list[str]) -> int:
         default=None,
         help="largest accepted absolute difference per metric (default: the experiment's, or 0 for a run id)",
     )
+    parser.add_argument(
+        "--seeds",
+        action="store_true",
+        help="run every seed of the experiment's reported.seeds and compare the means with reported.mean",
+    )
     # Flags may come before or after the overrides.
     options = parser.parse_intermixed_args(args)
 
@@ -65,15 +74,19 @@ def reproduce_main(args: list[str]) -> int:
         return 1
     try:
         if options.target.endswith((".yaml", ".yml")):
-            return reproduce_experiment(Path(options.target), options.overrides, options.accept_differences, options.tolerance)
+            return reproduce_experiment(Path(options.target), options.overrides, options.accept_differences, options.tolerance, options.seeds)
         return reproduce_run(options.target, options.overrides, 0.0 if options.tolerance is None else options.tolerance)
     except FungiexpError as error:
         print(f"fungiexp reproduce: error: {error}", file=sys.stderr)
         return 1
 
 
-def reproduce_experiment(path: Path, overrides: list[str], accept_differences: bool, tolerance: float | None) -> int:
-    """Run an experiment file and compare its test metrics with its ``reported`` block."""
+def reproduce_experiment(path: Path, overrides: list[str], accept_differences: bool, tolerance: float | None, seeds: bool = False) -> int:
+    """Run an experiment file and compare its test metrics with its ``reported`` block.
+
+    With ``seeds``, run it once per seed of ``reported.seeds`` and compare
+    the mean of each metric with ``reported.mean``.
+    """
     from fungiexp.app import config_dir
     from fungiexp.datacli import compose_config
 
@@ -87,6 +100,8 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
         cfg.tracking.run_name = f"reproduce {path.stem}"
     if not cfg.get("reported") or not (cfg.reported.metrics or cfg.reported.maximum):
         raise ConfigError("reported", f"{path} has no reported metrics to compare with.")
+    if seeds and not (cfg.reported.get("seeds") and cfg.reported.get("mean")):
+        raise ConfigError("reported.seeds", f"{path} reports no per-seed mean; run it without --seeds.")
 
     missing = [name for name in cfg.reported.get("requires", []) if not REQUIREMENTS.get(name, (lambda: False, name))[0]()]
     if missing:
@@ -107,10 +122,26 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
 
     from fungiexp.train import train
 
-    result = train(cfg, tags={"fungiexp.reproduce.experiment": path.stem})
     limit = float(cfg.reported.get("tolerance", 0.0)) if tolerance is None else tolerance
-    rows = compare_metrics(cfg.reported, _run_metrics(result), limit)
-    status = _report(rows, result, f"{path.name} ({cfg.reported.get('source', 'source not given')})")
+    source = f"{path.name} ({cfg.reported.get('source', 'source not given')})"
+    if seeds:
+        results = []
+        for seed in cfg.reported.seeds:
+            log.info("Reproducing %s with trainer.seed=%s", path.name, seed)
+            cfg.trainer.seed = int(seed)
+            cfg.tracking.run_name = f"reproduce {path.stem} seed {seed}"
+            results.append(train(cfg, tags={"fungiexp.reproduce.experiment": path.stem}))
+        runs = [_run_metrics(result) for result in results]
+        means = {name: float(np.mean([metrics.get(name, math.nan) for metrics in runs])) for name in cfg.reported.mean}
+        for name in cfg.reported.mean:
+            values = [metrics.get(name, math.nan) for metrics in runs]
+            log.info("%s over %d seeds: mean %.4f, std %.4f", name, len(values), np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        rows = compare_metrics(OmegaConf.create({"metrics": dict(cfg.reported.mean)}), means, limit)
+        status = _report(rows, results[-1], f"the mean over seeds {list(cfg.reported.seeds)} of {source}")
+    else:
+        result = train(cfg, tags={"fungiexp.reproduce.experiment": path.stem})
+        rows = compare_metrics(cfg.reported, _run_metrics(result), limit)
+        status = _report(rows, result, source)
     if cfg.reported.get("notes"):
         print(f"Notes: {cfg.reported.notes}")
     return status

@@ -210,6 +210,9 @@ class ReportedSchema:
     maximum: Dict[str, float] = field(default_factory=dict)
     requires: List[str] = field(default_factory=list)
     notes: str = ""
+    seeds: List[int] = field(default_factory=list)
+    mean: Dict[str, float] = field(default_factory=dict)
+    std: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
