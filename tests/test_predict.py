@@ -155,7 +155,7 @@ def test_predict_applies_logged_class_offsets(quick_overrides, synthetic_root, t
     from conftest import compose_config
     from fungiexp import evaluate
 
-    # Offsets this large make every image H6, whatever the model says.
+    # Offsets this large make every image H6, whatever the model predicts.
     monkeypatch.setattr(evaluate, "tune_class_offsets", lambda *args, **kwargs: np.array([0.0, 0.0, 0.0, 0.0, 30.0]))
     result = train(compose_config([*quick_overrides, "evaluation.class_offsets.tune=true"]))
     output = tmp_path / "predictions.csv"

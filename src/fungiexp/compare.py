@@ -110,8 +110,8 @@ def run_compare(options) -> int:
 def _fetch_runs(uri: str, experiment: str) -> list:
     """Return the active runs of ``experiment``, newest first.
 
-    A local SQLite store is read directly (see fungiexp.runstore), which
-    answers in a fraction of a second; other stores go through MLflow's client.
+    A local SQLite store is read directly (see fungiexp.runstore), which takes
+    a fraction of a second; other stores go through MLflow's client.
     """
     from fungiexp.runstore import ExperimentNotFound, read_runs
 
