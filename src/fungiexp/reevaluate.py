@@ -64,7 +64,7 @@ def run_evaluate(options) -> int:
     from fungiexp.schema import with_defaults
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
-    from fungiexp.train import _log_job_log, _logged_history, _make_datasets, evaluate_and_log
+    from fungiexp.train import _logged_history, _make_datasets, evaluate_and_log
     from fungiexp.validate import validate_config
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
@@ -95,7 +95,6 @@ def run_evaluate(options) -> int:
         tracking.log_params(params)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
         result = evaluate_and_log(cfg, model, data, datasets, history)
-        _log_job_log()
     result.update(run_id=run.info.run_id, experiment_id=run.info.experiment_id, tracking_uri=mlflow.get_tracking_uri(), class_infos=data.infos)
     print(format_summary(result))
     return 0

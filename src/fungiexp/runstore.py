@@ -74,7 +74,7 @@ def read_runs(uri: str, experiment: str) -> list[StoredRun] | None:
     if path is None or not path.is_file():
         return None
     try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        connection = _open_read_only(path)
     except sqlite3.Error:
         return None
     try:
@@ -85,6 +85,11 @@ def read_runs(uri: str, experiment: str) -> list[StoredRun] | None:
         return None
     finally:
         connection.close()
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """Open the SQLite database at ``path`` without write access."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
 def _has_expected_schema(connection: sqlite3.Connection) -> bool:
@@ -135,7 +140,7 @@ def resolve_run_id(uri: str, run_id: str) -> str:
     if len(run_id) >= 32 or path is None or not path.is_file() or not run_id.isalnum():
         return run_id
     try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        connection = _open_read_only(path)
         try:
             found = [row[0] for row in connection.execute("SELECT run_uuid FROM runs WHERE run_uuid LIKE ?", (f"{run_id}%",))]
         finally:
