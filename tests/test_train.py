@@ -245,6 +245,7 @@ def test_from_scratch_recipe_options_run_and_log_intervals(make_config, tmp_path
         "model.head.type=gap",
         "optimizer=adamw",
         "trainer.label_smoothing=0.1",
+        "trainer.ema_decay=0.9",
         "trainer.monitor=val_macro_f1",
         "trainer.precision=mixed_bfloat16",
         "evaluation.tta=true",

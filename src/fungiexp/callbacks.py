@@ -162,6 +162,67 @@ class BestEpoch(keras.callbacks.Callback):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Keep an exponential moving average of the weights and score, select and keep the averaged model.
+
+    After every training step each floating-point weight (batch-normalisation
+    statistics included) moves towards the model's current value:
+    ``average = d * average + (1 - d) * weight``. Early steps use a smaller
+    ``d``, ``min(decay, (1 + step) / (10 + step))``, so the average does not
+    remember the random initial weights. At the end of every epoch the model
+    gets the averaged weights. Validation, best-epoch selection, the
+    checkpoint and the final model therefore all see them. The next epoch
+    trains on from the weights that training reached. Give this callback
+    before the one that scores the validation split.
+
+    Args:
+        decay: Largest weight of the previous average, below 1 (0.998
+            averages over about the last 500 steps).
+    """
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = float(decay)
+        self.step = 0
+        self.averages = None
+        self.trained = None
+        self._update = None
+
+    def _weights(self):
+        return [weight for weight in self.model.weights if "float" in str(weight.dtype)]
+
+    def on_train_begin(self, logs=None):
+        weights = self._weights()
+        self.averages = [keras.Variable(keras.ops.convert_to_numpy(weight.value), trainable=False, name=f"average_{i}") for i, weight in enumerate(weights)]
+        self.trained = None
+
+        import tensorflow as tf
+
+        @tf.function
+        def update(decay):
+            for average, weight in zip(self.averages, weights):
+                average.assign(decay * average + (1.0 - decay) * keras.ops.cast(weight.value, average.dtype))
+
+        self._update = update
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        decay = min(self.decay, (1.0 + self.step) / (10.0 + self.step))
+        self._update(np.float32(decay))
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = self._weights()
+        self.trained = [keras.ops.convert_to_numpy(weight.value) for weight in weights]
+        for weight, average in zip(weights, self.averages):
+            weight.assign(average.value)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.trained is not None:
+            for weight, values in zip(self._weights(), self.trained):
+                weight.assign(values)
+            self.trained = None
+
+
 class EpochVariable(keras.callbacks.Callback):
     """Set a variable to the 0-based epoch at the start of every epoch (it seeds the shuffle)."""
 

@@ -146,6 +146,7 @@ class TrainerSchema:
     objective: str = "macro_f1"
     monitor: str = "val_loss"
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     precision: str = "float32"
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
     restore_best: bool = True

@@ -37,6 +37,7 @@ from fungiexp.callbacks import (
     InterruptGuard,
     MlflowEpochLogger,
     ValidationScores,
+    WeightAverage,
     read_state,
 )
 from fungiexp.errors import ConfigError
@@ -385,7 +386,9 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
         initial_epoch=initial_epoch,
         class_weight=weights,
         callbacks=[
-            # First, so that the callbacks after it log and select on its scores.
+            # The averaged weights go into the model before the validation split is scored.
+            *([WeightAverage(float(cfg.trainer.ema_decay))] if cfg.trainer.ema_decay > 0 else []),
+            # Before the others, so that they log and select on its scores.
             ValidationScores(
                 fit_val_ds,
                 [record.label for record in splits["val"]],

@@ -354,6 +354,8 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ConfigError("trainer.feature_cache.memory_mb", f"must be 0 (always on disk) or positive; got {trainer.feature_cache.memory_mb}.")
     if not 0.0 <= trainer.label_smoothing < 1.0:
         raise ConfigError("trainer.label_smoothing", f"must be at least 0 and below 1 (0.1 is common); got {trainer.label_smoothing}.")
+    if not 0.0 <= trainer.ema_decay < 1.0:
+        raise ConfigError("trainer.ema_decay", f"must be 0 (no weight average) or below 1, such as 0.998; got {trainer.ema_decay}.")
 
 
 def _check_evaluation(evaluation: DictConfig) -> None:
