@@ -61,10 +61,16 @@ def test_compare_lists_sweep_with_swept_columns(quick_overrides, tmp_path):
 def test_compare_aggregates_seeds(quick_overrides, tmp_path):
     swept = run_cli("train", "-m", *quick_overrides, "trainer.seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name("test")
+    (parent,) = [run for run in MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id]) if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    # The sweep is named by the 8-character id that compare prints.
+    sweep = parent.info.run_id[:8]
     compared = run_cli(
-        "compare", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--experiment", "test", "--aggregate", "--csv", str(tmp_path / "agg.csv"), cwd=tmp_path
+        "compare", "--tracking-uri", uri, "--experiment", "test", "--sweep", sweep, "--aggregate", "--csv", str(tmp_path / "agg.csv"), cwd=tmp_path
     )
     assert compared.returncode == 0, compared.stderr[-3000:]
+    assert f"Experiment 'test', sweep {sweep}: 3 runs" in compared.stdout
     with open(tmp_path / "agg.csv", newline="") as stream:
         (row,) = list(csv.DictReader(stream))
     assert row["runs"] == "3"

@@ -141,6 +141,21 @@ def test_grad_cam_heatmaps_are_normalised(model_overrides):
     assert heatmaps.max() <= 1.0 + 1e-6
 
 
+def test_view_mean_averages_the_four_flipped_views():
+    from fungiexp.predict import view_mean
+
+    keras.utils.set_random_seed(0)
+    # Flatten and a dense layer: not invariant to flips.
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+    images = np.random.default_rng(0).uniform(0, 255, size=(2, 4, 4, 3)).astype("float32")
+    views = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    expected = np.mean([model.predict(np.ascontiguousarray(view), verbose=0) for view in views], axis=0)
+
+    np.testing.assert_allclose(view_mean(model, images, tta=True), expected, rtol=1e-6)
+    np.testing.assert_allclose(view_mean(model, images, tta=False), model.predict(images, verbose=0), rtol=1e-6)
+    assert not np.allclose(expected, model.predict(images, verbose=0))
+
+
 def test_group_scores_average_patches():
     records = [
         ImageRecord(path=f"p{i}", label=label, code="", source_image=f"s{group}", sample=f"m{group}")
@@ -172,7 +187,8 @@ def test_predict_applies_logged_class_offsets(quick_overrides, synthetic_root, t
 def test_evaluate_scores_logged_model_again(finished_run, capsys):
     from fungiexp.reevaluate import evaluate_main
 
-    status = evaluate_main([finished_run["run_id"], "evaluation.class_offsets.tune=true", "--tracking-uri", finished_run["tracking_uri"]])
+    # Options may come before the overrides.
+    status = evaluate_main([finished_run["run_id"], "--tracking-uri", finished_run["tracking_uri"], "evaluation.class_offsets.tune=true"])
 
     assert status == 0
     client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
@@ -180,6 +196,11 @@ def test_evaluate_scores_logged_model_again(finished_run, capsys):
     (again,) = client.search_runs([original.info.experiment_id], filter_string=f"tags.`fungiexp.evaluates` = '{finished_run['run_id']}'")
     assert again.info.status == "FINISHED"
     assert again.data.params["evaluation.class_offsets.tune"] == "True"
+    # Only evaluation keys change, so compare does not list other keys as differing.
+    assert set(again.data.params) == set(original.data.params)
+    assert {key: value for key, value in again.data.params.items() if not key.startswith("evaluation.")} == {
+        key: value for key, value in original.data.params.items() if not key.startswith("evaluation.")
+    }
     assert again.data.params["data.test_images"] == original.data.params["data.test_images"]
     # The same model on the same split: without offsets, the original scores.
     assert again.data.metrics["test/without_offsets/macro_f1"] == pytest.approx(original.data.metrics["test/macro_f1"])

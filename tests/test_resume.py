@@ -216,3 +216,16 @@ def test_resume_warns_about_ignored_overrides(caplog):
     with caplog.at_level("WARNING"):
         _warn_ignored_on_resume(requested, logged)
     assert "these settings are ignored: trainer.epochs=14 (run has 30)" in caplog.text
+
+
+def test_resume_warning_lists_only_typed_overrides(caplog):
+    from fungiexp.train import _warn_ignored_on_resume
+
+    # The run was made with other values than today's defaults; only the typed key is reported.
+    logged = compose_config(["trainer.epochs=30", "dataset.image_size=[32,32]", "model=small_cnn_bn"])
+    requested = compose_config(["trainer.epochs=14", "trainer.resume=last"])
+    with caplog.at_level("WARNING"):
+        _warn_ignored_on_resume(requested, logged, ["trainer.epochs=14", "trainer.resume=last"])
+    assert "trainer.epochs=14 (run has 30)" in caplog.text
+    assert "dataset.image_size" not in caplog.text
+    assert "model." not in caplog.text

@@ -77,6 +77,9 @@ def run_compare(options) -> int:
         print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent}' if parent else ''}.")
         return 1
 
+    # Say which runs these are: a sweep may have logged to another experiment than the default.
+    scope = f"sweep {parent[:8]}" if parent else "all finished runs"
+    print(f"Experiment {experiment!r}, {scope}: {len(runs)} runs (--experiment NAME for another experiment)")
     varying = differing_params(runs)
     metrics = _metric_names(options.metrics, runs)
     rows = [{"run": run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
@@ -260,9 +263,12 @@ def _sweep_parent(sweep: str | None, runs) -> str | None:
         if not parents:
             raise ConfigError("--sweep", "no sweep in this experiment; run `fungiexp train -m ...` first.")
         return max(parents, key=lambda run: run.info.start_time).info.run_id
-    if sweep not in {run.info.run_id for run in parents}:
-        raise ConfigError("--sweep", f"{sweep!r} is not the parent run of a sweep in this experiment.")
-    return sweep
+    # The 8-character ids that compare prints are enough.
+    matches = [run.info.run_id for run in parents if run.info.run_id.startswith(sweep)]
+    if len(matches) != 1:
+        reason = "matches several sweeps; give more characters" if matches else "is not the parent run of a sweep in this experiment"
+        raise ConfigError("--sweep", f"{sweep!r} {reason}; pass --experiment NAME if the sweep logged to another experiment.")
+    return matches[0]
 
 
 def _metric_names(option: str | None, runs) -> list[str]:

@@ -40,7 +40,7 @@ def predict_main(args: list[str]) -> int:
         "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri of the project's config)"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per prediction batch (default: 32)")
-    options = parser.parse_args(args)
+    options = parser.parse_intermixed_args(args)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         return run_predict(options)
@@ -79,7 +79,10 @@ def run_predict(options) -> int:
 
     rows = []
     if good:
-        probabilities = model.predict(np.stack(images).astype("float32"), batch_size=options.batch_size, verbose=0)
+        tta = bool(cfg.get("evaluation", {}).get("tta", False))
+        if tta:
+            log.info("Averaging four flipped views of each image, as run %s did with evaluation.tta=true", options.run_id)
+        probabilities = view_mean(model, np.stack(images).astype("float32"), tta, options.batch_size)
         if offsets is not None:
             probabilities = apply_class_offsets(probabilities, offsets)
         rows = _prediction_rows(good, probabilities, infos)
@@ -103,6 +106,16 @@ def run_predict(options) -> int:
         print("fungiexp predict: error: no image files found in the given paths.", file=sys.stderr)
         return 1
     return 0
+
+
+def view_mean(model, images: np.ndarray, tta: bool, batch_size: int = 32) -> np.ndarray:
+    """Return the model's class probabilities for ``images`` (batch, height, width, channels).
+
+    With ``tta``, the mean over the four views that evaluation.tta uses:
+    as it is, flipped left-right, flipped up-down, and both.
+    """
+    views = (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]) if tta else (images,)
+    return np.mean([model.predict(np.ascontiguousarray(view), batch_size=batch_size, verbose=0) for view in views], axis=0)
 
 
 def load_run_model(run_id: str, tracking_uri: str | None):

@@ -19,6 +19,9 @@ with other evaluation settings (keys under evaluation.*), without training.
   fungiexp evaluate RUN_ID evaluation.class_offsets.tune=true
   fungiexp evaluate RUN_ID evaluation.tta=true evaluation.bootstrap.resamples=2000
 
+dataset.root=FOLDER says where the images are when the command runs in
+another folder than the training did.
+
 The new run goes into the same experiment with the original run's config
 and parameters, the changed evaluation keys, and the tag
 fungiexp.evaluates=RUN_ID. The data must give the same split as the
@@ -34,7 +37,7 @@ def evaluate_main(args: list[str]) -> int:
     parser.add_argument("run_id", help="the MLflow run whose model is scored")
     parser.add_argument("overrides", nargs="*", help="evaluation.KEY=VALUE settings, for example evaluation.tta=true")
     parser.add_argument("--tracking-uri", help="MLflow store (default: tracking.uri of the config)")
-    options = parser.parse_args(args)
+    options = parser.parse_intermixed_args(args)
     try:
         return run_evaluate(options)
     except FungiexpError as error:
@@ -48,11 +51,12 @@ def run_evaluate(options) -> int:
 
     for item in options.overrides:
         key = item.split("=", 1)[0].lstrip("+")
-        if "=" not in item or not key.startswith("evaluation."):
+        if "=" not in item or not (key.startswith("evaluation.") or key == "dataset.root"):
             raise ConfigError(
                 item,
                 "evaluate changes only evaluation settings, written as evaluation.KEY=VALUE "
-                "(for example evaluation.tta=true); to change anything else, train a new run.",
+                "(for example evaluation.tta=true), and dataset.root=FOLDER where the images are; "
+                "to change anything else, train a new run.",
             )
 
     import mlflow
@@ -86,11 +90,13 @@ def run_evaluate(options) -> int:
     history = _logged_history(run_id)
 
     name = f"{original.info.run_name or run_id[:8]} evaluated"
-    # The original parameters (split sizes, parameter counts), then the config as now evaluated.
-    params = {**original.data.params, **tracking.flatten_config(cfg)}
+    # The original parameters (split sizes, parameter counts) with the evaluation keys as now set.
+    evaluation = {key: value for key, value in tracking.flatten_config(cfg).items() if key.startswith("evaluation.")}
+    params = {**original.data.params, **evaluation}
     with mlflow.start_run(experiment_id=original.info.experiment_id, run_name=name) as run:
         log.info("MLflow run %s evaluates the model of run %s", run.info.run_id, run_id)
-        data_tags = {key: value for key, value in original.data.tags.items() if key.startswith(("fungiexp.data.", "fungiexp.sweep.parent"))}
+        # Not the sweep tags: compare --sweep lists the sweep's training runs only.
+        data_tags = {key: value for key, value in original.data.tags.items() if key.startswith("fungiexp.data.")}
         mlflow.set_tags({**tracking.provenance_tags(), **data_tags, EVALUATES_TAG: run_id})
         tracking.log_params(params)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")

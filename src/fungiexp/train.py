@@ -76,7 +76,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     if cfg.trainer.get("resume"):
         uri, experiment_id = tracking.setup_tracking(cfg.tracking)
         resume_point = find_resume_point(cfg, experiment_id)
-        _warn_ignored_on_resume(cfg, resume_point.config)
+        _warn_ignored_on_resume(cfg, resume_point.config, _hydra_overrides())
         cfg = resume_point.config
         validate_config(cfg)
     else:
@@ -98,16 +98,22 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
         _return_freed_memory()
 
 
-def _warn_ignored_on_resume(requested: DictConfig, logged: DictConfig) -> None:
-    """Log the keys whose requested value differs from the resumed run's logged config, which wins."""
+def _warn_ignored_on_resume(requested: DictConfig, logged: DictConfig, overrides: list[str] | None = None) -> None:
+    """Log the keys whose requested value differs from the resumed run's logged config, which wins.
+
+    With ``overrides`` (the command line's), only keys set there count, so
+    defaults that changed since the run started are not listed.
+    """
     requested_values = tracking.flatten_config(requested)
     logged_values = tracking.flatten_config(logged)
+    typed = [item.split("=", 1)[0].lstrip("+~") for item in overrides or []]
     ignored = sorted(
         key
         for key, value in requested_values.items()
         if key in logged_values
         and logged_values[key] != value
         and not key.startswith(("trainer.resume", "tracking.", "dataset.root", "dataset.source"))
+        and (overrides is None or any(key == name or key.startswith(f"{name}.") for name in typed))
     )
     if ignored:
         log.warning(
