@@ -79,7 +79,8 @@ def tune_class_offsets(
     boundaries this way corrects a model that under-predicts a class, which
     class weights during training do not always achieve.
     """
-    grid = np.linspace(-max_abs, max_abs, steps)
+    # Rounded, so that logs and the JSON file show 0.1 rather than 0.10000000000000009.
+    grid = np.round(np.linspace(-max_abs, max_abs, steps), 6)
     offsets = np.zeros(num_classes)
     best = macro_f1(y_true, probabilities, num_classes)
     for _ in range(rounds):
