@@ -121,6 +121,9 @@ def test_override_keys_are_checked_against_the_schema(key, message):
         ("model=vgg16", None),
         ("hydra/launcher=joblib", None),
         ("+experiment=notebook_small_cnn", None),
+        ("+trainer.ema_decy=0.9", "trainer.ema_decy: unknown key. Did you mean trainer.ema_decay?"),
+        ("++trainer.ema=0.9", None),
+        ("+dataset.split.manifest=split.csv", None),
     ],
 )
 def test_group_names_are_checked(override, message):

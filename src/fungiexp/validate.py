@@ -144,12 +144,15 @@ def unknown_override_key(key: str) -> str | None:
 def check_overrides(args: list[str]) -> str | None:
     """Return the error for the first ``KEY=VALUE`` override whose dotted key the config lacks, or None.
 
-    Overrides with ``+``, ``~`` or ``++``, flags and Hydra's own keys are
-    left to Hydra. A key without a dot must name a config group or section
-    (``model=vgg16``).
+    Overrides with ``~`` or ``++``, ``+GROUP=OPTION``, flags and Hydra's own
+    keys are left to Hydra. ``+section.key`` is checked like ``section.key``,
+    because the schema rejects keys it does not know anyway. A key without a
+    dot must name a config group or section (``model=vgg16``).
     """
     for arg in args:
         key, equals, _ = arg.partition("=")
+        if key.startswith("+") and not key.startswith("++") and "." in key:
+            key = key[1:]
         if not equals or key.startswith(("+", "~", "-", "hydra.", "hydra/")):
             continue
         if key in OPTIONAL_GROUPS:
