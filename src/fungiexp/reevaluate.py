@@ -68,7 +68,7 @@ def run_evaluate(options) -> int:
     from fungiexp.schema import with_defaults
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
-    from fungiexp.train import _logged_history, _make_datasets, evaluate_and_log
+    from fungiexp.train import logged_history, make_datasets, evaluate_and_log
     from fungiexp.validate import validate_config
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
@@ -86,8 +86,8 @@ def run_evaluate(options) -> int:
             f"the images in {cfg.dataset.root} give another split than run {run_id} had. "
             "Restore the data the run used (see its data/split.csv artifact).",
         )
-    datasets = _make_datasets(cfg, data, tuple(int(side) for side in cfg.dataset.image_size))
-    history = _logged_history(run_id)
+    datasets = make_datasets(cfg, data, tuple(int(side) for side in cfg.dataset.image_size))
+    history = logged_history(run_id)
 
     name = f"{original.info.run_name or run_id[:8]} evaluated"
     # The original parameters (split sizes, parameter counts) with the evaluation keys as now set.

@@ -152,7 +152,7 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
                 metrics=["accuracy"],
                 jit_compile=cfg.trainer.jit_compile,
             )
-    datasets = _make_datasets(cfg, data, image_size)
+    datasets = make_datasets(cfg, data, image_size)
 
     if resume_point:
         run = mlflow.start_run(run_id=resume_point.run_id)
@@ -307,7 +307,7 @@ def build_loss(label_smoothing: float) -> keras.losses.Loss:
     """Return the cross-entropy loss: sparse labels, or one-hot labels when ``label_smoothing`` is set.
 
     Keras's sparse cross-entropy has no label smoothing, so with smoothing the
-    datasets carry one-hot labels (see ``_make_datasets``).
+    datasets carry one-hot labels (see ``make_datasets``).
     """
     if label_smoothing > 0:
         return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
@@ -418,7 +418,7 @@ def _tracked_run(cfg, model, data: PreparedData, datasets, checkpoint_dir: Path,
         timing["time/fit_exit_seconds"] = fit_end - logger.last_epoch_end
     mlflow.log_metrics(timing)
     # Read the curves back from MLflow, so that a resumed run plots every epoch.
-    history = _logged_history(mlflow.active_run().info.run_id)
+    history = logged_history(mlflow.active_run().info.run_id)
 
     return evaluate_and_log(cfg, model, data, datasets, history)
 
@@ -663,7 +663,13 @@ def _log_run_inputs(cfg: DictConfig, model: keras.Model, data: PreparedData) -> 
     _log_hydra_files()
 
 
-def _make_datasets(cfg: DictConfig, data: PreparedData, image_size):
+def make_datasets(cfg: DictConfig, data: PreparedData, image_size):
+    """Build the batched train, validation and test datasets of a run.
+
+    Returns ``(train, val, test, augmenter, epoch_variable)``: the training
+    dataset is shuffled and augmented, the other two are not, and
+    ``epoch_variable`` seeds each epoch's shuffle.
+    """
     augmenter = build_augmenter(cfg.augmentation, image_size, int(cfg.trainer.seed))
     batch_size = int(cfg.trainer.batch_size)
     class_root = data.report.class_root
@@ -717,7 +723,8 @@ def _image_cache_files(cfg: DictConfig, data: PreparedData, image_size) -> dict[
     return {name: str(folder / name) for name in SPLITS}
 
 
-def _logged_history(run_id: str) -> dict[str, list[float]]:
+def logged_history(run_id: str) -> dict[str, list[float]]:
+    """Return a run's per-epoch loss and accuracy curves, read back from MLflow, keyed as Keras names them."""
     client = MlflowClient()
     history = {}
     for keras_key, name in (("loss", "train/loss"), ("accuracy", "train/accuracy"), ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy")):
