@@ -40,21 +40,28 @@ def wait_for_epoch(state_glob: str, base: Path, epoch: int, process, timeout: fl
     raise AssertionError(f"no checkpoint of epoch {epoch} within {timeout} s")
 
 
-def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
-    overrides = [
-        f"dataset.root={slower_root}",
+def store_overrides(root: Path, tmp_path: Path, experiment: str) -> list[str]:
+    """Overrides of a five-epoch run on ``root`` that logs to its own store under ``tmp_path``."""
+    return [
+        f"dataset.root={root}",
         "dataset.expected_images=null",
         "dataset.image_size=[64,64]",
         "trainer.epochs=5",
         "trainer.batch_size=8",
-        "trainer.early_stopping.enabled=false",
-        "trainer.deterministic=true",
-        "augmentation=strong",
         "trainer.verbose=0",
         f"trainer.checkpoint_dir={tmp_path}/checkpoints",
         f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db",
         f"tracking.artifact_root={tmp_path}/mlruns/artifacts",
-        "tracking.experiment=resume",
+        f"tracking.experiment={experiment}",
+    ]
+
+
+def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
+    overrides = [
+        *store_overrides(slower_root, tmp_path, "resume"),
+        "trainer.early_stopping.enabled=false",
+        "trainer.deterministic=true",
+        "augmentation=strong",
         f"hydra.run.dir={tmp_path}/hydra",
     ]
     process = subprocess.Popen(
@@ -94,6 +101,24 @@ def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
     whole = client.get_run(uninterrupted["run_id"]).data.metrics
     for name in ("test/accuracy", "test/macro_f1", "test/H1/recall", "val/loss", "train/loss"):
         assert resumed.data.metrics[name] == whole[name], name
+
+
+def test_sigint_in_sweep_kills_parent_run(slower_root, tmp_path):
+    overrides = [*store_overrides(slower_root, tmp_path, "sweep"), "trainer.seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fungiexp", "train", "-m", *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_epoch("checkpoints/*/state.json", tmp_path, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    (job,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") != "parent"]
+    assert job.info.status == "KILLED", stderr[-3000:]
+    assert parent.info.status == "KILLED", stderr[-3000:]
 
 
 def test_resume_of_finished_run_raises(make_config):

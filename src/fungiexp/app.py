@@ -50,6 +50,15 @@ def train_app(cfg: DictConfig) -> float:
             # Hydra records the failed job and runs the others; exiting here would stop the sweep.
             raise
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Hydra does not end the multirun normally after an interrupt, so close the sweep's parent run here.
+        if _in_multirun():
+            from hydra.core.hydra_config import HydraConfig
+
+            from fungiexp.sweep import end_parent_run
+
+            end_parent_run(Path(HydraConfig.get().sweep.dir), str(cfg.tracking.uri), "KILLED")
+        raise
     print(format_summary(result))
     objective = str(cfg.trainer.objective)
     return result["val_macro_f1"] if objective == "macro_f1" else result["val_accuracy"]

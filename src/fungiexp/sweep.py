@@ -41,13 +41,18 @@ class SweepRunCallback(Callback):
         log.info("Sweep parent run %s in experiment %r", run.info.run_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from mlflow.tracking import MlflowClient
+        end_parent_run(Path(config.hydra.sweep.dir), str(config.tracking.uri), "FINISHED")
 
-        from fungiexp import tracking
 
-        parent = parent_run_id(Path(config.hydra.sweep.dir))
-        if parent:
-            MlflowClient(tracking_uri=tracking.resolve_tracking_uri(str(config.tracking.uri))).set_terminated(parent, "FINISHED")
+def end_parent_run(sweep_dir: Path, tracking_uri: str, status: str) -> None:
+    """Set the status of the parent run of the sweep in ``sweep_dir`` (FINISHED, KILLED or FAILED), if it has one."""
+    from mlflow.tracking import MlflowClient
+
+    from fungiexp import tracking
+
+    parent = parent_run_id(Path(sweep_dir))
+    if parent:
+        MlflowClient(tracking_uri=tracking.resolve_tracking_uri(tracking_uri)).set_terminated(parent, status)
 
 
 def parent_run_id(sweep_dir: Path) -> str | None:
