@@ -13,6 +13,10 @@ from sklearn.metrics import (
 # Run artifact with the class offsets chosen on the validation split, which predict applies too.
 OFFSETS_ARTIFACT = "evaluation/class_offsets.json"
 
+# Axes of (batch, height, width, channels) that evaluation.tta reverses, one
+# tuple per view: none, width, height, both (a slide has no orientation).
+TTA_FLIP_AXES = ((), (2,), (1,), (1, 2))
+
 
 def evaluate_predictions(y_true: np.ndarray, probabilities: np.ndarray, class_codes: list[str]) -> dict:
     """Score predicted class probabilities against true labels.

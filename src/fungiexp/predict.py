@@ -114,7 +114,10 @@ def view_mean(model, images: np.ndarray, tta: bool, batch_size: int = 32) -> np.
     With ``tta``, the mean over the four views that evaluation.tta uses:
     as it is, flipped left-right, flipped up-down, and both.
     """
-    views = (images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]) if tta else (images,)
+    from fungiexp.evaluate import TTA_FLIP_AXES
+
+    axes_per_view = TTA_FLIP_AXES if tta else ((),)
+    views = [np.flip(images, axes) if axes else images for axes in axes_per_view]
     return np.mean([model.predict(np.ascontiguousarray(view), batch_size=batch_size, verbose=0) for view in views], axis=0)
 
 

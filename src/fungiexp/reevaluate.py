@@ -68,7 +68,7 @@ def run_evaluate(options) -> int:
     from fungiexp.schema import with_defaults
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
-    from fungiexp.train import logged_history, make_datasets, evaluate_and_log
+    from fungiexp.train import evaluate_and_log, logged_history, make_datasets
     from fungiexp.validate import validate_config
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)

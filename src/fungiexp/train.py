@@ -756,14 +756,12 @@ def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, tta: boo
     """
     if not tta:
         return model.predict(dataset, verbose=0)
-    # Axes of (batch, height, width, channels) to reverse: none, width, height, both.
-    views = ((), (2,), (1,), (1, 2))
     total = None
-    for axes in views:
+    for axes in evaluate.TTA_FLIP_AXES:
         flipped = dataset.map(graph_function(functools.partial(_flip, axes=list(axes)))) if axes else dataset
         probabilities = model.predict(flipped, verbose=0)
         total = probabilities if total is None else total + probabilities
-    return total / len(views)
+    return total / len(evaluate.TTA_FLIP_AXES)
 
 
 def _flip(images, labels, axes):
