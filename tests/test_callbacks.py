@@ -26,7 +26,7 @@ def tiny_model():
     return model
 
 
-def test_weight_average_keeps_average_and_trains_from_raw_weights():
+def test_weight_average_trains_from_raw_weights():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")
     y = rng.integers(0, 3, size=64)
@@ -46,8 +46,8 @@ def test_weight_average_keeps_average_and_trains_from_raw_weights():
     final = [keras.ops.convert_to_numpy(weight.value) for weight in model.weights]
     # The model keeps the averaged weights, batch-normalisation statistics included.
     assert len(averaged) == len(final)
-    for kept, expected in zip(final, averaged):
-        np.testing.assert_allclose(kept, expected)
+    for model_weight, average_weight in zip(final, averaged):
+        np.testing.assert_allclose(model_weight, average_weight)
     # Callbacks after the average see the averaged weights, which differ from the trained ones.
     for seen, trained in zip(recorder.at_end, trained_at_end):
         assert not np.allclose(seen, trained)
