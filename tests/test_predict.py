@@ -141,19 +141,27 @@ def test_grad_cam_heatmaps_are_normalised(model_overrides):
     assert heatmaps.max() <= 1.0 + 1e-6
 
 
-def test_view_mean_averages_the_four_flipped_views():
+def test_view_mean_over_tta_views():
     from fungiexp.predict import view_mean
 
     keras.utils.set_random_seed(0)
-    # Flatten and a dense layer: not invariant to flips.
+    # Flatten and a dense layer: not invariant to flips or rotations.
     model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
     images = np.random.default_rng(0).uniform(0, 255, size=(2, 4, 4, 3)).astype("float32")
-    views = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-    expected = np.mean([model.predict(np.ascontiguousarray(view), verbose=0) for view in views], axis=0)
 
-    np.testing.assert_allclose(view_mean(model, images, tta=True), expected, rtol=1e-6)
-    np.testing.assert_allclose(view_mean(model, images, tta=False), model.predict(images, verbose=0), rtol=1e-6)
-    assert not np.allclose(expected, model.predict(images, verbose=0))
+    def mean_over(views):
+        return np.mean([model.predict(np.ascontiguousarray(view), verbose=0) for view in views], axis=0)
+
+    flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    rotations = [np.rot90(images, turns, axes=(1, 2)) for turns in range(4)]
+    # The eight symmetries of a square: four rotations, and each of them mirrored.
+    dihedral = rotations + [view[:, :, ::-1] for view in rotations]
+
+    np.testing.assert_allclose(view_mean(model, images, "flips"), mean_over(flips), rtol=1e-6)
+    np.testing.assert_allclose(view_mean(model, images, "dihedral"), mean_over(dihedral), rtol=1e-6)
+    np.testing.assert_allclose(view_mean(model, images, None), model.predict(images, verbose=0), rtol=1e-6)
+    assert not np.allclose(mean_over(flips), model.predict(images, verbose=0))
+    assert not np.allclose(mean_over(dihedral), mean_over(flips))
 
 
 def test_group_scores_average_patches():

@@ -249,6 +249,7 @@ def test_from_scratch_recipe_options_run_and_log_intervals(make_config, tmp_path
         "trainer.monitor=val_macro_f1",
         "trainer.precision=mixed_bfloat16",
         "evaluation.tta=true",
+        "evaluation.tta_views=dihedral",
         "evaluation.bootstrap.resamples=200",
         "evaluation.class_offsets.tune=true",
     )

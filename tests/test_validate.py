@@ -35,6 +35,11 @@ INVALID = [
     (["evaluation.class_offsets.steps=1"], r"evaluation.class_offsets: steps must be 2 or more"),
     (["trainer.feature_cache.dtype=int8"], r"trainer.feature_cache.dtype: must be one of float32, float16; got 'int8'"),
     (["evaluation.tta=maybe"], r"evaluation.tta: invalid value 'maybe': expected true or false"),
+    (["evaluation.tta_views=rotations"], r"evaluation.tta_views: must be one of flips, dihedral; got 'rotations'"),
+    (
+        ["dataset.image_size=[128,96]", "augmentation.rot90=false", "evaluation.tta=true", "evaluation.tta_views=dihedral"],
+        r"evaluation.tta_views: dihedral rotates images by 90 degrees and needs square ones",
+    ),
     (["trainer.batch_size=abc"], r"trainer.batch_size: invalid value 'abc': expected an integer"),
     (["trainer.monitor=test_loss"], r"trainer.monitor: must be one of val_loss, val_accuracy, val_macro_f1; got 'test_loss'"),
     (["dataset.split.group_by=patient"], r"dataset.split.group_by: must be one of source_image, sample, none"),

@@ -13,9 +13,28 @@ from sklearn.metrics import (
 # Run artifact with the class offsets chosen on the validation split, which predict applies too.
 OFFSETS_ARTIFACT = "evaluation/class_offsets.json"
 
-# Axes of (batch, height, width, channels) that evaluation.tta reverses, one
-# tuple per view: none, width, height, both (a slide has no orientation).
-TTA_FLIP_AXES = ((), (2,), (1,), (1, 2))
+# Views of an image that evaluation.tta averages, by evaluation.tta_views.
+# Each view is (transpose, axes): whether height and width of (batch, height,
+# width, channels) are swapped first, then which axes are reversed. A slide
+# has no orientation, so every view shows the same specimen. "flips" gives
+# the image as it is, flipped left-right, up-down and both; "dihedral" adds
+# the transposes of those four, which are the 90-degree rotations and the
+# diagonal mirrors (square images only).
+_FLIP_AXES = ((), (2,), (1,), (1, 2))
+TTA_VIEWS = {
+    "flips": tuple((False, axes) for axes in _FLIP_AXES),
+    "dihedral": tuple((transpose, axes) for transpose in (False, True) for axes in _FLIP_AXES),
+}
+
+
+def tta_views(evaluation) -> str | None:
+    """Return the name of the test-time views that ``evaluation`` (config or dict) asks for, or None without test-time augmentation.
+
+    Runs logged before evaluation.tta_views existed used the four flips.
+    """
+    if not evaluation.get("tta", False):
+        return None
+    return str(evaluation.get("tta_views", "flips"))
 
 
 def evaluate_predictions(y_true: np.ndarray, probabilities: np.ndarray, class_codes: list[str]) -> dict:

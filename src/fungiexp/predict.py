@@ -53,7 +53,7 @@ def run_predict(options) -> int:
     """Load the run's model and config, classify every image, write the CSV files."""
     from fungiexp.images import class_infos, is_image_name, is_system_file, read_rgb
 
-    from fungiexp.evaluate import apply_class_offsets
+    from fungiexp.evaluate import TTA_VIEWS, apply_class_offsets, tta_views
 
     model, cfg, offsets, _ = load_run_model(options.run_id, options.tracking_uri)
     infos = class_infos(cfg.dataset)
@@ -79,10 +79,15 @@ def run_predict(options) -> int:
 
     rows = []
     if good:
-        tta = bool(cfg.get("evaluation", {}).get("tta", False))
-        if tta:
-            log.info("Averaging four flipped views of each image, as run %s did with evaluation.tta=true", options.run_id)
-        probabilities = view_mean(model, np.stack(images).astype("float32"), tta, options.batch_size)
+        views = tta_views(cfg.get("evaluation", {}))
+        if views:
+            log.info(
+                "Averaging %d %s views of each image, as run %s did with evaluation.tta=true",
+                len(TTA_VIEWS[views]),
+                views,
+                options.run_id,
+            )
+        probabilities = view_mean(model, np.stack(images).astype("float32"), views, options.batch_size)
         if offsets is not None:
             probabilities = apply_class_offsets(probabilities, offsets)
         rows = _prediction_rows(good, probabilities, infos)
@@ -108,17 +113,21 @@ def run_predict(options) -> int:
     return 0
 
 
-def view_mean(model, images: np.ndarray, tta: bool, batch_size: int = 32) -> np.ndarray:
+def view_mean(model, images: np.ndarray, views: str | None, batch_size: int = 32) -> np.ndarray:
     """Return the model's class probabilities for ``images`` (batch, height, width, channels).
 
-    With ``tta``, the mean over the four views that evaluation.tta uses:
-    as it is, flipped left-right, flipped up-down, and both.
+    With ``views`` (flips or dihedral), the mean over the views that
+    evaluation.tta_views names, as a run's evaluation computed them; None
+    scores each image once, as it is.
     """
-    from fungiexp.evaluate import TTA_FLIP_AXES
+    from fungiexp.evaluate import TTA_VIEWS
 
-    axes_per_view = TTA_FLIP_AXES if tta else ((),)
-    views = [np.flip(images, axes) if axes else images for axes in axes_per_view]
-    return np.mean([model.predict(np.ascontiguousarray(view), batch_size=batch_size, verbose=0) for view in views], axis=0)
+    outputs = []
+    for transpose, axes in TTA_VIEWS[views] if views else ((False, ()),):
+        view = np.swapaxes(images, 1, 2) if transpose else images
+        view = np.flip(view, axes) if axes else view
+        outputs.append(model.predict(np.ascontiguousarray(view), batch_size=batch_size, verbose=0))
+    return np.mean(outputs, axis=0)
 
 
 def load_run_model(run_id: str, tracking_uri: str | None):

@@ -179,6 +179,7 @@ class ClassOffsetsSchema:
 @dataclass
 class EvaluationSchema:
     tta: bool = False
+    tta_views: str = "flips"
     bootstrap: BootstrapSchema = field(default_factory=BootstrapSchema)
     class_offsets: ClassOffsetsSchema = field(default_factory=ClassOffsetsSchema)
 

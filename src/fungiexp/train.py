@@ -435,16 +435,19 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, da
     codes = data.codes
     names = [info.display_name for info in data.infos]
     splits = data.splits
-    tta = bool(cfg.evaluation.tta)
-    log.info("Evaluating on the validation and test splits%s", " with test-time augmentation (mean over 4 flipped views)" if tta else "")
-    val_probabilities = predict_probabilities(model, val_ds, tta)
+    views = evaluate.tta_views(cfg.evaluation)
+    log.info(
+        "Evaluating on the validation and test splits%s",
+        f" with test-time augmentation (mean over {len(evaluate.TTA_VIEWS[views])} {views} views)" if views else "",
+    )
+    val_probabilities = predict_probabilities(model, val_ds, views)
     val_true = np.array([record.label for record in splits["val"]])
     val_macro_f1 = evaluate.macro_f1(val_true, val_probabilities, len(codes))
     val_accuracy = float(np.mean(np.argmax(val_probabilities, axis=1) == val_true))
     mlflow.log_metrics({"val/best_macro_f1": val_macro_f1, "val/best_accuracy": val_accuracy})
     offsets = _tune_class_offsets(cfg.evaluation.class_offsets, val_true, val_probabilities, codes)
     # The test split is read once, here, after training and selection have ended.
-    test_probabilities = predict_probabilities(model, test_ds, tta)
+    test_probabilities = predict_probabilities(model, test_ds, views)
     test_true = np.array([record.label for record in splits["test"]])
     if offsets is not None:
         plain = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
@@ -748,23 +751,25 @@ def _signals_as_interrupt(handler):
             signal.signal(number, earlier)
 
 
-def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, tta: bool = False) -> np.ndarray:
+def predict_probabilities(model: keras.Model, dataset: tf.data.Dataset, views: str | None = None) -> np.ndarray:
     """Return the class probabilities of ``model`` on ``dataset``.
 
-    With ``tta``, the mean over four views of each image: as it is, flipped
-    left-right, flipped up-down, and both (a slide has no orientation).
+    With ``views`` (a key of ``evaluate.TTA_VIEWS``), the mean over those
+    views of each image; None scores each image once, as it is.
     """
-    if not tta:
+    if views is None:
         return model.predict(dataset, verbose=0)
     total = None
-    for axes in evaluate.TTA_FLIP_AXES:
-        flipped = dataset.map(graph_function(functools.partial(_flip, axes=list(axes)))) if axes else dataset
-        probabilities = model.predict(flipped, verbose=0)
+    for transpose, axes in evaluate.TTA_VIEWS[views]:
+        view = dataset.map(graph_function(functools.partial(_view, transpose=transpose, axes=list(axes)))) if transpose or axes else dataset
+        probabilities = model.predict(view, verbose=0)
         total = probabilities if total is None else total + probabilities
-    return total / len(evaluate.TTA_FLIP_AXES)
+    return total / len(evaluate.TTA_VIEWS[views])
 
 
-def _flip(images, labels, axes):
+def _view(images, labels, transpose, axes):
+    if transpose:
+        images = tf.transpose(images, [0, 2, 1, 3])
     return tf.reverse(images, axes), labels
 
 

@@ -54,7 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
     _check_optimizer(cfg.optimizer)
     _check_trainer(cfg.trainer)
-    _check_evaluation(cfg.evaluation)
+    _check_evaluation(cfg.evaluation, cfg.dataset.image_size)
 
 
 def _check_schema(cfg: DictConfig) -> None:
@@ -361,7 +361,14 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ConfigError("trainer.ema_decay", f"must be 0 (no weight average) or below 1, such as 0.998; got {trainer.ema_decay}.")
 
 
-def _check_evaluation(evaluation: DictConfig) -> None:
+def _check_evaluation(evaluation: DictConfig, image_size) -> None:
+    choice("evaluation.tta_views", evaluation.tta_views, ("flips", "dihedral"))
+    if evaluation.tta and evaluation.tta_views == "dihedral" and image_size[0] != image_size[1]:
+        raise ConfigError(
+            "evaluation.tta_views",
+            f"dihedral rotates images by 90 degrees and needs square ones; dataset.image_size is {list(image_size)}. "
+            "Set evaluation.tta_views=flips or a square size.",
+        )
     bootstrap = evaluation.bootstrap
     if bootstrap.resamples < 0:
         raise ConfigError("evaluation.bootstrap.resamples", f"must be 0 (no intervals) or positive, 1000 or more for stable intervals; got {bootstrap.resamples}.")
