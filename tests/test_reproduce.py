@@ -46,6 +46,25 @@ def test_reproduce_run_matches_and_links(make_config, quick_overrides, capsys):
     assert linked.data.metrics["test/macro_f1"] == client.get_run(original["run_id"]).data.metrics["test/macro_f1"]
 
 
+def test_reproduce_of_evaluate_run_trains_original(make_config, quick_overrides, capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    original = train(make_config("trainer.deterministic=true"))
+    store = ["--tracking-uri", original["tracking_uri"]]
+    assert evaluate_main([original["run_id"], *store, "evaluation.tta=true", "evaluation.tta_views=dihedral"]) == 0
+    client = MlflowClient(tracking_uri=original["tracking_uri"])
+    (evaluated,) = client.search_runs(
+        [original["experiment_id"]], filter_string=f"tags.`fungiexp.evaluates` = '{original['run_id']}'"
+    )
+    capsys.readouterr()
+
+    status = reproduce_main([evaluated.info.run_id, *quick_overrides])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert f"scored the model of run {original['run_id']} again" in output
+    assert "All metrics within tolerance." in output
+
+
 def test_reproduce_run_reports_changed_data(synthetic_root, make_config, quick_overrides, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)

@@ -121,6 +121,25 @@ def test_sigint_in_sweep_kills_parent_run(slower_root, tmp_path):
     assert parent.info.status == "KILLED", stderr[-3000:]
 
 
+def test_failed_sweep_job_fails_parent_run(quick_overrides, tmp_path):
+    # Job 0 fails its config check, job 1 trains: Hydra then exits with status 1 and skips on_multirun_end.
+    completed = subprocess.run(
+        [sys.executable, "-m", "fungiexp", "train", "-m", *quick_overrides, "trainer.monitor=val_f1,val_loss", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 1, completed.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    (parent,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    (job,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") != "parent"]
+    assert job.info.status == "FINISHED"
+    assert parent.info.status == "FAILED", completed.stderr[-3000:]
+
+
 def test_resume_of_finished_run_raises(make_config):
     result = train(make_config())
     with pytest.raises(ValueError, match=rf"trainer.resume: run {result['run_id']} already finished"):

@@ -35,6 +35,8 @@ INVALID = [
     (["evaluation.class_offsets.steps=1"], r"evaluation.class_offsets: steps must be 2 or more"),
     (["trainer.feature_cache.dtype=int8"], r"trainer.feature_cache.dtype: must be one of float32, float16; got 'int8'"),
     (["evaluation.tta=maybe"], r"evaluation.tta: invalid value 'maybe': expected true or false"),
+    (["evaluation.tta=no"], r"evaluation.tta: invalid value 'no': expected true or false\.$"),
+    (["trainer.deterministic=2"], r"trainer.deterministic: invalid value 2: expected true or false\.$"),
     (["evaluation.tta_views=rotations"], r"evaluation.tta_views: must be one of flips, dihedral; got 'rotations'"),
     (
         ["dataset.image_size=[128,96]", "augmentation.rot90=false", "evaluation.tta=true", "evaluation.tta_views=dihedral"],

@@ -47,14 +47,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1
         from fungiexp.app import train_app
+        from fungiexp.sweep import end_open_parent_run
 
         # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.
         sys.argv = ["fungiexp train", *rest]
         try:
             train_app()
         except KeyboardInterrupt:
+            end_open_parent_run("KILLED")
             print("fungiexp train: interrupted", file=sys.stderr)
             return 130
+        except SystemExit as exit_request:
+            # Hydra exits with status 1 after a multirun in which a job failed.
+            if exit_request.code not in (0, None):
+                end_open_parent_run("FAILED")
+            raise
+        except Exception:
+            # With HYDRA_FULL_ERROR=1 Hydra raises the job's error instead of exiting.
+            end_open_parent_run("FAILED")
+            raise
         return 0
 
     if command == "data":

@@ -156,6 +156,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     from fungiexp import tracking
     from fungiexp.data import prepare_data
     from fungiexp.datacli import compose_config
+    from fungiexp.reevaluate import EVALUATES_TAG
     from fungiexp.runstore import resolve_run_id
     from fungiexp.validate import validate_config
 
@@ -171,7 +172,22 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     folder = Path(str(current.dataset.cache_dir or ".cache/fungiexp")) / "reproduce" / run_id
     folder.mkdir(parents=True, exist_ok=True)
     cfg = with_defaults(OmegaConf.load(client.download_artifacts(run_id, "config/resolved.yaml", str(folder))))
-    manifest = client.download_artifacts(run_id, "data/split.csv", str(folder))
+    # A run of `fungiexp evaluate` logs the config with its evaluation keys but
+    # not the split, which is the split of the run whose model it scored.
+    trained_id = original.data.tags.get(EVALUATES_TAG, run_id)
+    if trained_id != run_id:
+        print(
+            f"Run {run_id} scored the model of run {trained_id} again (fungiexp evaluate), "
+            f"so this trains {trained_id}'s config with the evaluation settings of {run_id}."
+        )
+    try:
+        manifest = client.download_artifacts(trained_id, "data/split.csv", str(folder))
+    except MlflowException as error:
+        raise ConfigError(
+            "run id",
+            f"run {trained_id} has no data/split.csv artifact, so its split cannot be rebuilt. "
+            "Reproduce a run that fungiexp train logged.",
+        ) from error
     cfg.tracking = current.tracking
     cfg.dataset.split.manifest = str(Path(manifest).resolve())
     cfg.trainer.resume = None

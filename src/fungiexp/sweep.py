@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent_run_id"
 
+# The sweep folder and tracking URI of the parent run that this process
+# opened and has not closed yet, so that `fungiexp train` can close it when
+# Hydra ends the multirun with an error instead of calling on_multirun_end.
+_open_parent: tuple[Path, str] | None = None
+
 
 class SweepRunCallback(Callback):
     """Create an MLflow parent run for a multirun and close it when the sweep ends."""
@@ -38,10 +43,29 @@ class SweepRunCallback(Callback):
         folder = Path(config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PARENT_FILE).write_text(run.info.run_id)
+        global _open_parent
+        _open_parent = (folder, str(config.tracking.uri))
         log.info("Sweep parent run %s in experiment %r", run.info.run_id, config.tracking.experiment)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        global _open_parent
         end_parent_run(Path(config.hydra.sweep.dir), str(config.tracking.uri), "FINISHED")
+        _open_parent = None
+
+
+def end_open_parent_run(status: str) -> None:
+    """Set ``status`` on the parent run that this process opened and has not ended; do nothing if there is none.
+
+    When a job of the sweep fails, Hydra raises its error after the last job
+    and skips on_multirun_end, so the parent would stay RUNNING.
+    """
+    global _open_parent
+    if _open_parent is None:
+        return
+    folder, uri = _open_parent
+    _open_parent = None
+    end_parent_run(folder, uri, status)
+    log.info("Sweep parent run ended as %s", status)
 
 
 def end_parent_run(sweep_dir: Path, tracking_uri: str, status: str) -> None:

@@ -74,6 +74,23 @@ def _check_schema(cfg: DictConfig) -> None:
         expected = "a list, for example [128, 128]" if "ListConfig" in str(error.msg) else _expected_type(key)
         first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
         raise ConfigError(key, f"invalid value {value!r}: expected {expected} ({first_line}).") from None
+    _check_booleans(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _check_booleans(node, prefix: str) -> None:
+    """Raise ConfigError for a boolean key of the schema whose value is not true or false.
+
+    OmegaConf accepts no, off or 2 for a boolean when merging, but the config
+    a run uses keeps the string or number, which Python treats as true.
+    """
+    if not isinstance(node, dict):
+        return
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            _check_booleans(value, f"{key}.")
+        elif _schema_field(key) is bool and not isinstance(value, bool) and value is not None:
+            raise ConfigError(key, f"invalid value {value!r}: expected true or false.")
 
 
 def _schema_field(key: str):
