@@ -10,6 +10,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from fungiexp.compare import aggregate
+
 pytestmark = pytest.mark.slow
 
 
@@ -56,6 +58,18 @@ def test_compare_lists_sweep_with_swept_columns(quick_overrides, tmp_path):
     experiment = client.get_experiment_by_name("test")
     (parent,) = [run for run in client.search_runs([experiment.experiment_id]) if run.data.tags.get("fungiexp.sweep.role") == "parent"]
     assert [info.path for info in client.list_artifacts(parent.info.run_id, "compare")] == ["compare/plot.png"]
+
+
+def test_aggregate_counts_rescored_model_once():
+    rows = [
+        {"run": "c", "trainer.seed": "1", "test/macro_f1": 0.70},
+        {"run": "a", "trainer.seed": "1", "test/macro_f1": 0.60},
+        {"run": "b", "trainer.seed": "2", "test/macro_f1": 0.80},
+    ]
+    # Run c re-scored the model of run a with the same settings.
+    (row,) = aggregate(rows, [], ["test/macro_f1"], models=["a", "a", "b"])
+    assert row["runs"] == 2
+    assert row["test/macro_f1 mean"] == pytest.approx(0.75)
 
 
 def test_compare_aggregates_seeds(quick_overrides, tmp_path):

@@ -84,7 +84,9 @@ def run_compare(options) -> int:
     metrics = _metric_names(options.metrics, runs)
     rows = [{"run": run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
     if options.aggregate:
-        rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics)
+        # A run of fungiexp evaluate scores the model of the run it names again.
+        models = [run.data.tags.get("fungiexp.evaluates", run.info.run_id) for run in runs]
+        rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, models)
     sort_key = options.sort if options.sort in rows[0] else f"{options.sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
@@ -148,13 +150,25 @@ def differing_params(runs) -> list[str]:
     ]
 
 
-def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str]) -> list[dict]:
-    """Group rows by ``group_keys`` and give mean, standard deviation and count of each metric."""
+def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str], models: list[str] | None = None) -> list[dict]:
+    """Group rows by ``group_keys`` and give mean, standard deviation and count of each metric.
+
+    ``models`` names the trained model of each row. A model that appears
+    twice in one group (a run and its re-scoring by fungiexp evaluate with
+    the same settings) counts once, with the scores of its first row, which
+    is the newest when rows come newest first.
+    """
     import numpy as np
 
     groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row.get(key, "") for key in group_keys), []).append(row)
+    seen: set[tuple] = set()
+    for index, row in enumerate(rows):
+        group = tuple(row.get(key, "") for key in group_keys)
+        model = models[index] if models is not None else index
+        if (group, model) in seen:
+            continue
+        seen.add((group, model))
+        groups.setdefault(group, []).append(row)
     result = []
     for values, members in groups.items():
         entry = dict(zip(group_keys, values))
