@@ -89,7 +89,9 @@ def run_evaluate(options) -> int:
     datasets = make_datasets(cfg, data, tuple(int(side) for side in cfg.dataset.image_size))
     history = logged_history(run_id)
 
-    name = f"{original.info.run_name or run_id[:8]} evaluated"
+    base = original.info.run_name or run_id[:8]
+    # Scoring an evaluate run again keeps one " evaluated" suffix.
+    name = base if base.endswith(" evaluated") else f"{base} evaluated"
     # The original parameters (split sizes, parameter counts) with the evaluation keys as now set.
     evaluation = {key: value for key, value in tracking.flatten_config(cfg).items() if key.startswith("evaluation.")}
     params = {**original.data.params, **evaluation}

@@ -32,7 +32,7 @@ def format_summary(result: dict) -> str:
         )
     lines += [
         "",
-        f"Validation macro F1 (best epoch): {result['val_macro_f1']:.4f}",
+        f"Validation macro F1 of the kept weights (scored like the test split, before class offsets): {result['val_macro_f1']:.4f}",
         f"MLflow run: {result['run_id']} (experiment id {result['experiment_id']})",
         f"Open the MLflow UI: {ui_command(result['tracking_uri'])}",
     ]
