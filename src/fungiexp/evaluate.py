@@ -16,10 +16,10 @@ OFFSETS_ARTIFACT = "evaluation/class_offsets.json"
 # Views of an image that evaluation.tta averages, by evaluation.tta_views.
 # Each view is (transpose, axes): whether height and width of (batch, height,
 # width, channels) are swapped first, then which axes are reversed. A slide
-# has no orientation, so every view shows the same specimen. "flips" gives
-# the image as it is, flipped left-right, up-down and both; "dihedral" adds
-# the transposes of those four, which are the 90-degree rotations and the
-# diagonal mirrors (square images only).
+# has no orientation, so every view shows the same specimen. "flips" is the
+# image as it is and flipped left-right, up-down and both. "dihedral" adds
+# the transposes of those four: the two 90-degree rotations and the two
+# diagonal mirrors, which need square images.
 _FLIP_AXES = ((), (2,), (1,), (1, 2))
 TTA_VIEWS = {
     "flips": tuple((False, axes) for axes in _FLIP_AXES),
@@ -28,7 +28,7 @@ TTA_VIEWS = {
 
 
 def tta_views(evaluation) -> str | None:
-    """Return the name of the test-time views that ``evaluation`` (config or dict) asks for, or None without test-time augmentation.
+    """Return the name of the test-time views set in ``evaluation`` (config or dict), or None without test-time augmentation.
 
     Runs logged before evaluation.tta_views existed used the four flips.
     """

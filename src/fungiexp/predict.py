@@ -82,7 +82,7 @@ def run_predict(options) -> int:
         views = tta_views(cfg.get("evaluation", {}))
         if views:
             log.info(
-                "Averaging %d %s views of each image, as run %s did with evaluation.tta=true",
+                "Averaging %d views of each image (evaluation.tta_views=%s), as run %s did with evaluation.tta=true",
                 len(TTA_VIEWS[views]),
                 views,
                 options.run_id,

@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent_run_id"
 
-# The sweep folder and tracking URI of the parent run that this process
-# opened and has not closed yet, so that `fungiexp train` can close it when
-# Hydra ends the multirun with an error instead of calling on_multirun_end.
+# Sweep folder and tracking URI of the parent run that this process opened
+# and has not ended yet. `fungiexp train` ends it when Hydra stops the
+# multirun with an error, because Hydra then skips on_multirun_end.
 _open_parent: tuple[Path, str] | None = None
 
 

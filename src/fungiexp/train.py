@@ -438,7 +438,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, da
     views = evaluate.tta_views(cfg.evaluation)
     log.info(
         "Evaluating on the validation and test splits%s",
-        f" with test-time augmentation (mean over {len(evaluate.TTA_VIEWS[views])} {views} views)" if views else "",
+        f" with test-time augmentation (mean over {len(evaluate.TTA_VIEWS[views])} views, evaluation.tta_views={views})" if views else "",
     )
     val_probabilities = predict_probabilities(model, val_ds, views)
     val_true = np.array([record.label for record in splits["val"]])
