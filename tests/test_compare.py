@@ -6,13 +6,14 @@ import csv
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate
+from fungiexp.compare import aggregate, choose_metrics
+from fungiexp.errors import ConfigError
 
-pytestmark = pytest.mark.slow
 
 
 def run_cli(*args, cwd):
@@ -21,6 +22,7 @@ def run_cli(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_compare_lists_sweep_with_swept_columns(quick_overrides, tmp_path):
     swept = run_cli(
         "train", "-m", *quick_overrides, "augmentation=none,notebook,strong", "optimizer=adam,sgd", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
@@ -72,6 +74,7 @@ def test_aggregate_counts_rescored_model_once():
     assert row["test/macro_f1 mean"] == pytest.approx(0.75)
 
 
+@pytest.mark.slow
 def test_compare_aggregates_seeds(quick_overrides, tmp_path):
     swept = run_cli("train", "-m", *quick_overrides, "trainer.seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert swept.returncode == 0, swept.stderr[-3000:]
@@ -89,3 +92,20 @@ def test_compare_aggregates_seeds(quick_overrides, tmp_path):
         (row,) = list(csv.DictReader(stream))
     assert row["runs"] == "3"
     assert {"test/macro_f1 mean", "test/macro_f1 std"} <= set(row)
+
+
+def _logged(*names):
+    return SimpleNamespace(data=SimpleNamespace(metrics={name: 0.5 for name in names}))
+
+
+def test_choose_metrics_rejects_unlogged_names():
+    runs = [_logged("test/accuracy", "test/macro_f1", "test/H1/recall"), _logged("test/balanced_accuracy")]
+    with pytest.raises(ConfigError, match=r"--metrics: .*'test/macro_fl'.*did you mean test/macro_f1"):
+        choose_metrics("test/accuracy,test/macro_fl", None, runs)
+    with pytest.raises(ConfigError, match="--sort: .*'val/nothing'"):
+        choose_metrics(None, "val/nothing", runs)
+    # A metric that only some runs logged is accepted, and the sort metric becomes a column.
+    metrics, sort = choose_metrics("test/accuracy", "test/balanced_accuracy", runs)
+    assert metrics == ["test/accuracy", "test/balanced_accuracy"]
+    assert sort == "test/balanced_accuracy"
+    assert choose_metrics(None, None, runs) == (["test/accuracy", "test/macro_f1", "test/H1/recall"], "test/macro_f1")

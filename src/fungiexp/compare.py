@@ -45,7 +45,7 @@ def compare_main(args: list[str]) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri of the config)")
     parser.add_argument("--sweep", help="parent run id of a sweep, or `last` for the newest sweep")
     parser.add_argument("--metrics", help="comma-separated metrics (default: test/accuracy, test/macro_f1, per-class recall)")
-    parser.add_argument("--sort", default="test/macro_f1", help="metric to sort by, highest first (default: test/macro_f1)")
+    parser.add_argument("--sort", help="metric to sort by, highest first; shown as a column (default: test/macro_f1)")
     parser.add_argument("--csv", help="also write the table to this CSV file")
     parser.add_argument("--aggregate", action="store_true", help="group runs that differ only in trainer.seed or dataset.split.fold")
     parser.add_argument("--plot", help="one or two parameters to plot the sort metric against, comma-separated")
@@ -81,13 +81,13 @@ def run_compare(options) -> int:
     scope = f"sweep {parent[:8]}" if parent else "all finished runs"
     print(f"Experiment {experiment!r}, {scope}: {len(runs)} runs (--experiment NAME for another experiment)")
     varying = differing_params(runs)
-    metrics = _metric_names(options.metrics, runs)
+    metrics, sort = choose_metrics(options.metrics, options.sort, runs)
     rows = [{"run": run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
     if options.aggregate:
         # A run of fungiexp evaluate scores the model of the run it names again.
         models = [run.data.tags.get("fungiexp.evaluates", run.info.run_id) for run in runs]
         rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, models)
-    sort_key = options.sort if options.sort in rows[0] else f"{options.sort} mean"
+    sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
     print(format_rows(rows))
@@ -285,11 +285,39 @@ def _sweep_parent(sweep: str | None, runs) -> str | None:
     return matches[0]
 
 
-def _metric_names(option: str | None, runs) -> list[str]:
+def choose_metrics(option: str | None, sort: str | None, runs) -> tuple[list[str], str]:
+    """Return the metric columns and the sort metric for ``runs``.
+
+    Names given with --metrics or --sort must have been logged by at least
+    one run; a typo raises a ConfigError that suggests close names instead of
+    printing a column of nan. The sort metric is added as a column when
+    --metrics leaves it out, so that the order of the rows can be read.
+    """
+    known = {name for run in runs for name in run.data.metrics}
     if option:
-        return [name.strip() for name in option.split(",") if name.strip()]
-    recalls = sorted({name for run in runs for name in run.data.metrics if name.startswith("test/") and name.endswith("/recall") and name.count("/") == 2})
-    return ["test/accuracy", "test/macro_f1", *recalls]
+        metrics = [name.strip() for name in option.split(",") if name.strip()]
+        _check_logged("--metrics", metrics, known)
+    else:
+        recalls = sorted(name for name in known if name.startswith("test/") and name.endswith("/recall") and name.count("/") == 2)
+        metrics = ["test/accuracy", "test/macro_f1", *recalls]
+    if sort is None:
+        sort = "test/macro_f1"
+    else:
+        _check_logged("--sort", [sort], known)
+    if sort not in metrics:
+        metrics.append(sort)
+    return metrics, sort
+
+
+def _check_logged(option: str, names: list[str], known: set[str]) -> None:
+    import difflib
+
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "metric names look like test/macro_f1 or test/H1/recall."
+        raise ConfigError(option, f"no run here logged a metric named {name!r}; {hint} The run page in `fungiexp ui` lists every metric.")
 
 
 def _number(value) -> float:
