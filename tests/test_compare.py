@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate, choose_metrics
+from fungiexp.compare import aggregate, choose_metrics, differing_params
 from fungiexp.errors import ConfigError
 
 
@@ -109,3 +109,16 @@ def test_choose_metrics_rejects_unlogged_names():
     assert metrics == ["test/accuracy", "test/balanced_accuracy"]
     assert sort == "test/balanced_accuracy"
     assert choose_metrics(None, None, runs) == (["test/accuracy", "test/macro_f1", "test/H1/recall"], "test/macro_f1")
+
+
+def _with_params(**params):
+    return SimpleNamespace(data=SimpleNamespace(params={key.replace("__", "."): value for key, value in params.items()}))
+
+
+def test_differing_params_fills_schema_defaults():
+    trained = _with_params(optimizer__name="adam", trainer__seed="1")
+    # fungiexp reproduce RUN_ID fills the logged config with the schema's defaults.
+    reproduced = _with_params(optimizer__name="adam", optimizer__momentum="0.0", optimizer__nesterov="False", trainer__seed="2")
+    assert differing_params([trained, reproduced]) == ["trainer.seed"]
+    with_momentum = _with_params(optimizer__name="adam", optimizer__momentum="0.9", trainer__seed="1")
+    assert differing_params([trained, with_momentum]) == ["optimizer.momentum"]

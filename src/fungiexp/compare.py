@@ -82,7 +82,15 @@ def run_compare(options) -> int:
     print(f"Experiment {experiment!r}, {scope}: {len(runs)} runs (--experiment NAME for another experiment)")
     varying = differing_params(runs)
     metrics, sort = choose_metrics(options.metrics, options.sort, runs)
-    rows = [{"run": run.info.run_id[:8], **{key: run.data.params.get(key, "") for key in varying}, **{m: run.data.metrics.get(m, math.nan) for m in metrics}} for run in runs]
+    defaults = schema_default_params()
+    rows = [
+        {
+            "run": run.info.run_id[:8],
+            **{key: run.data.params.get(key, defaults.get(key, "")) for key in varying},
+            **{metric: run.data.metrics.get(metric, math.nan) for metric in metrics},
+        }
+        for run in runs
+    ]
     if options.aggregate:
         # A run of fungiexp evaluate scores the model of the run it names again.
         models = [run.data.tags.get("fungiexp.evaluates", run.info.run_id) for run in runs]
@@ -139,15 +147,45 @@ def _fetch_runs(uri: str, experiment: str) -> list:
 
 
 def differing_params(runs) -> list[str]:
-    """Return the parameter keys whose values differ between ``runs``, except bookkeeping keys."""
+    """Return the parameter keys whose values differ between ``runs``, except bookkeeping keys.
+
+    A key that a run did not log counts as its schema default: runs made by
+    `fungiexp reproduce RUN_ID`, which fills a logged config with the
+    defaults, log ``optimizer.momentum`` for Adam while trained runs do not.
+    """
+    defaults = schema_default_params()
     keys = sorted({key for run in runs for key in run.data.params})
     return [
         key
         for key in keys
         if not key.startswith(IGNORED_PARAM_PREFIXES)
         and not key.startswith("data.")
-        and len({run.data.params.get(key) for run in runs}) > 1
+        and len({run.data.params.get(key, defaults.get(key)) for run in runs}) > 1
     ]
+
+
+def schema_default_params() -> dict[str, str]:
+    """Return the schema's default of each config key, as a logged parameter string."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fungiexp.schema import RunSchema
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(RunSchema), resolve=False)
+    defaults.pop("reported", None)
+    flat: dict[str, str] = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), child)
+        elif value != "???":
+            # The same text as fungiexp.tracking.flatten_config writes.
+            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    visit("", defaults)
+    return flat
 
 
 def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str], models: list[str] | None = None) -> list[dict]:
@@ -288,10 +326,10 @@ def _sweep_parent(sweep: str | None, runs) -> str | None:
 def choose_metrics(option: str | None, sort: str | None, runs) -> tuple[list[str], str]:
     """Return the metric columns and the sort metric for ``runs``.
 
-    Names given with --metrics or --sort must have been logged by at least
-    one run; a typo raises a ConfigError that suggests close names instead of
-    printing a column of nan. The sort metric is added as a column when
-    --metrics leaves it out, so that the order of the rows can be read.
+    A name given with --metrics or --sort must have been logged by at least
+    one run. A typo raises a ConfigError that suggests close names, where it
+    would otherwise print a column of nan. When --metrics leaves the sort
+    metric out, it is added as a column so that the order can be read.
     """
     known = {name for run in runs for name in run.data.metrics}
     if option:
