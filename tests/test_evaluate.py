@@ -111,3 +111,26 @@ def test_applied_offsets_keep_rows_normalised():
     assert np.allclose(shifted.sum(axis=1), 1.0)
     assert np.argmax(shifted[0]) == 1
     assert np.allclose(evaluate.apply_class_offsets(probabilities, [0.0, 0.0, 0.0]), probabilities)
+
+
+def _summary_result(scoring):
+    from types import SimpleNamespace
+
+    true = np.array([0, 0, 1, 1])
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    test = evaluate_predictions(true, probabilities, ["H1", "H2"])
+    test["scoring"] = scoring
+    infos = [SimpleNamespace(code="H1", display_name="H1 (one)"), SimpleNamespace(code="H2", display_name="H2 (two)")]
+    return {"test": test, "class_infos": infos, "val_macro_f1": 0.5, "run_id": "abc", "experiment_id": "1", "tracking_uri": "sqlite:///mlruns/mlflow.db"}
+
+
+def test_summary_names_views_and_offsets():
+    from fungiexp.summary import format_summary
+
+    with_both = format_summary(
+        _summary_result({"tta_views": "flips", "view_count": 4, "class_offsets": True, "macro_f1_without_offsets": 0.61234})
+    )
+    assert "Scored with the mean of 4 test-time views (evaluation.tta_views=flips)" in with_both
+    assert "class offsets chosen on validation (macro F1 without them: 0.6123)" in with_both
+    plain = format_summary(_summary_result({"tta_views": None, "view_count": 1, "class_offsets": False, "macro_f1_without_offsets": None}))
+    assert "Scored with one view per image (evaluation.tta=false) and no class offsets." in plain

@@ -213,7 +213,28 @@ def test_evaluate_scores_logged_model_again(finished_run, capsys):
     # The same model on the same split: without offsets, the original scores.
     assert again.data.metrics["test/without_offsets/macro_f1"] == pytest.approx(original.data.metrics["test/macro_f1"])
     assert "offsets/H1" in again.data.metrics
-    assert "Test results on" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Test results on" in out
+    assert "class offsets chosen on validation (macro F1 without them:" in out
+
+
+def test_reevaluation_plots_training_curves(finished_run, monkeypatch):
+    import fungiexp.train
+    from fungiexp.reevaluate import evaluate_main
+
+    uri = finished_run["tracking_uri"]
+    assert evaluate_main([finished_run["run_id"], "--tracking-uri", uri]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_run(finished_run["run_id"]).info.experiment_id
+    first = client.search_runs([experiment], filter_string=f"tags.`fungiexp.evaluates` = '{finished_run['run_id']}'")[0]
+    read = []
+    original_history = fungiexp.train.logged_history
+    monkeypatch.setattr(fungiexp.train, "logged_history", lambda run_id: read.append(run_id) or original_history(run_id))
+
+    assert evaluate_main([first.info.run_id, "--tracking-uri", uri]) == 0
+
+    # The curves come from the run that trained the model, not from the evaluate run.
+    assert read == [finished_run["run_id"]]
 
 
 def test_evaluate_rejects_training_overrides(finished_run, capsys):

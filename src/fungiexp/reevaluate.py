@@ -87,7 +87,8 @@ def run_evaluate(options) -> int:
             "Restore the data the run used (see its data/split.csv artifact).",
         )
     datasets = make_datasets(cfg, data, tuple(int(side) for side in cfg.dataset.image_size))
-    history = logged_history(run_id)
+    # An evaluate run has no curves of its own: plot those of the run that trained the model.
+    history = logged_history(original.data.tags.get(EVALUATES_TAG, run_id))
 
     base = original.info.run_name or run_id[:8]
     # Scoring an evaluate run again keeps one " evaluated" suffix.

@@ -30,6 +30,9 @@ def format_summary(result: dict) -> str:
             f"  per {level.replace('_', ' ')} ({scores['count']} groups, mean of patch probabilities): "
             f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}"
         )
+    scoring = test.get("scoring")
+    if scoring:
+        lines += ["", f"  Scored with {_scoring(scoring)}"]
     lines += [
         "",
         f"Validation macro F1 of the kept weights (scored like the test split, before class offsets): {result['val_macro_f1']:.4f}",
@@ -37,6 +40,19 @@ def format_summary(result: dict) -> str:
         f"Open the MLflow UI: {ui_command(result['tracking_uri'])}",
     ]
     return "\n".join(lines)
+
+
+def _scoring(scoring: dict) -> str:
+    """Say how the test probabilities were made: test-time views and class offsets."""
+    if scoring["tta_views"]:
+        views = f"the mean of {scoring['view_count']} test-time views (evaluation.tta_views={scoring['tta_views']})"
+    else:
+        views = "one view per image (evaluation.tta=false)"
+    if scoring["class_offsets"]:
+        offsets = f"class offsets chosen on validation (macro F1 without them: {scoring['macro_f1_without_offsets']:.4f})"
+    else:
+        offsets = "no class offsets"
+    return f"{views} and {offsets}."
 
 
 def _interval(bounds) -> str:

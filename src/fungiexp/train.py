@@ -454,6 +454,12 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, da
         mlflow.log_metrics({f"test/without_offsets/{key}": plain[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")})
         test_probabilities = evaluate.apply_class_offsets(test_probabilities, offsets)
     test = evaluate.evaluate_predictions(test_true, test_probabilities, codes)
+    test["scoring"] = {
+        "tta_views": views,
+        "view_count": len(evaluate.TTA_VIEWS[views]) if views else 1,
+        "class_offsets": offsets is not None,
+        "macro_f1_without_offsets": plain["macro_f1"] if offsets is not None else None,
+    }
     bootstrap = cfg.evaluation.bootstrap
     if int(bootstrap.resamples) > 0:
         groups = len({record.source_image for record in splits["test"]})
