@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate, choose_metrics, differing_params
+from fungiexp.compare import aggregate, choose_metrics, differing_params, following_columns
 from fungiexp.errors import ConfigError
 
 
@@ -122,3 +122,14 @@ def test_differing_params_fills_schema_defaults():
     assert differing_params([trained, reproduced]) == ["trainer.seed"]
     with_momentum = _with_params(optimizer__name="adam", optimizer__momentum="0.9", trainer__seed="1")
     assert differing_params([trained, with_momentum]) == ["optimizer.momentum"]
+
+
+def test_following_columns_hide_group_keys():
+    rows = [
+        {"augmentation.name": "none", "augmentation.flip": "False", "augmentation.zoom": "0.0", "test/macro_f1": 0.5},
+        {"augmentation.name": "strong", "augmentation.flip": "True", "augmentation.zoom": "0.1", "test/macro_f1": 0.6},
+        {"augmentation.name": "strong", "augmentation.flip": "True", "augmentation.zoom": "0.2", "test/macro_f1": 0.7},
+    ]
+    varying = ["augmentation.flip", "augmentation.name", "augmentation.zoom"]
+    # The zoom was overridden within one option, so it stays.
+    assert following_columns(rows, varying) == {"augmentation.flip"}

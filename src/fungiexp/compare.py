@@ -98,7 +98,10 @@ def run_compare(options) -> int:
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
-    print(format_rows(rows))
+    shown = [column for column in rows[0] if column not in following_columns(rows, varying)]
+    print(format_rows(rows, shown))
+    if len(shown) < len(rows[0]):
+        print(f"({len(rows[0]) - len(shown)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
     if options.csv:
         with open(options.csv, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
@@ -220,9 +223,31 @@ def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str], model
     return result
 
 
-def format_rows(rows: list[dict]) -> str:
+def following_columns(rows: list[dict], varying: list[str]) -> set[str]:
+    """Return the parameter columns whose value is fixed by their config group's name.
+
+    In a sweep over ``augmentation=none,notebook,strong`` each augmentation
+    key changes with ``augmentation.name``; the name alone says what differs.
+    A key that also varies within one name (an override on top of a group
+    option) stays shown.
+    """
+    hidden = set()
+    for key in varying:
+        group, _, leaf = key.partition(".")
+        name = f"{group}.name"
+        if leaf == "name" or name not in varying or key not in rows[0]:
+            continue
+        values: dict[str, set] = {}
+        for row in rows:
+            values.setdefault(row.get(name), set()).add(row.get(key))
+        if all(len(found) == 1 for found in values.values()):
+            hidden.add(key)
+    return hidden
+
+
+def format_rows(rows: list[dict], columns: list[str] | None = None) -> str:
     """Format rows as a fixed-width table, numbers with four decimals."""
-    columns = list(rows[0])
+    columns = list(rows[0]) if columns is None else columns
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
