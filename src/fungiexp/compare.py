@@ -98,10 +98,10 @@ def run_compare(options) -> int:
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
-    shown = [column for column in rows[0] if column not in following_columns(rows, varying)]
-    print(format_rows(rows, shown))
-    if len(shown) < len(rows[0]):
-        print(f"({len(rows[0]) - len(shown)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
+    visible_columns = [column for column in rows[0] if column not in following_columns(rows, varying)]
+    print(format_rows(rows, visible_columns))
+    if len(visible_columns) < len(rows[0]):
+        print(f"({len(rows[0]) - len(visible_columns)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
     if options.csv:
         with open(options.csv, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
