@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate, choose_metrics, differing_params, following_columns
+from fungiexp.compare import aggregate, check_plot_params, choose_metrics, differing_params, following_columns, run_kind
 from fungiexp.errors import ConfigError
 
 
@@ -133,3 +133,19 @@ def test_following_columns_hide_group_keys():
     varying = ["augmentation.flip", "augmentation.name", "augmentation.zoom"]
     # The zoom was overridden within one option, so it stays.
     assert following_columns(rows, varying) == {"augmentation.flip"}
+
+
+def test_plot_parameter_typo_suggests_varying_name():
+    with pytest.raises(ConfigError, match=r"--plot: parameter 'augmentation.nme' does not vary.*did you mean augmentation.name\?"):
+        check_plot_params(["augmentation.nme"], ["augmentation.name", "optimizer.name"])
+    with pytest.raises(ConfigError, match="one or two parameters, not 3"):
+        check_plot_params(["a", "b", "c"], ["a", "b", "c"])
+
+
+def test_run_kind_names_the_making_command():
+    def tagged(**tags):
+        return SimpleNamespace(data=SimpleNamespace(tags={key.replace("__", "."): value for key, value in tags.items()}))
+
+    assert run_kind(tagged()) == "train"
+    assert run_kind(tagged(fungiexp__evaluates="300e2353abcdef")) == "evaluate 300e2353"
+    assert run_kind(tagged(fungiexp__reproduces="1e9156bdabcdef")) == "reproduce 1e9156bd"

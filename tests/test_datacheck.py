@@ -185,3 +185,10 @@ def test_data_subcommand_help(subcommand, tmp_path):
     completed = run_data_cli(subcommand, "--help", cwd=tmp_path)
     assert completed.returncode == 0
     assert "usage: fungiexp data {fetch,check}" in completed.stdout
+
+
+def test_data_unknown_option_is_named(capsys):
+    from fungiexp.datacli import data_main
+
+    assert data_main(["check", "--al"]) == 2
+    assert "unknown option '--al'; the only option is --all" in capsys.readouterr().err

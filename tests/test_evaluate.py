@@ -134,3 +134,7 @@ def test_summary_names_views_and_offsets():
     assert "class offsets chosen on validation (macro F1 without them: 0.6123)" in with_both
     plain = format_summary(_summary_result({"tta_views": None, "view_count": 1, "class_offsets": False, "macro_f1_without_offsets": None}))
     assert "Scored with one view per image (evaluation.tta=false) and no class offsets." in plain
+    zero = format_summary(
+        _summary_result({"tta_views": None, "view_count": 1, "class_offsets": True, "offsets_all_zero": True, "macro_f1_without_offsets": 0.5})
+    )
+    assert "class offsets tuned on validation, all zero (no prediction changed)" in zero

@@ -62,8 +62,9 @@ def test_reader_keeps_latest_step_and_nan(store):
 
 def test_reader_names_missing_experiment(store):
     uri, _, _ = store
-    with pytest.raises(ExperimentNotFound):
+    with pytest.raises(ExperimentNotFound) as raised:
         read_runs(uri, "absent")
+    assert "chosen" in raised.value.names
 
 
 def test_reader_declines_other_stores(tmp_path):

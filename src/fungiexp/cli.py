@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     # Hides part of TensorFlow's C++ INFO and WARNING output; lines printed
     # before absl logging starts still appear (TensorFlow 2.21). A value set by the user wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # MLflow's download progress bars fill the output of evaluate, predict and reproduce.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if command == "train":
         from fungiexp.validate import check_overrides
 

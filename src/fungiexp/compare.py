@@ -79,13 +79,18 @@ def run_compare(options) -> int:
 
     # Say which runs these are: a sweep may have logged to another experiment than the default.
     scope = f"sweep {parent[:8]}" if parent else "all finished runs"
-    print(f"Experiment {experiment!r}, {scope}: {len(runs)} runs (--experiment NAME for another experiment)")
     varying = differing_params(runs)
     metrics, sort = choose_metrics(options.metrics, options.sort, runs)
+    if options.plot:
+        check_plot_params(options.plot.split(","), varying)
+    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment)")
     defaults = schema_default_params()
+    kinds = {run.info.run_id: run_kind(run) for run in runs}
+    show_kind = any(kind != "train" for kind in kinds.values())
     rows = [
         {
             "run": run.info.run_id[:8],
+            **({"made by": kinds[run.info.run_id]} if show_kind else {}),
             **{key: run.data.params.get(key, defaults.get(key, "")) for key in varying},
             **{metric: run.data.metrics.get(metric, math.nan) for metric in metrics},
         }
@@ -134,7 +139,9 @@ def _fetch_runs(uri: str, experiment: str) -> list:
     missing = ConfigError("--experiment", f"experiment {experiment!r} not found in {uri}.")
     try:
         runs = read_runs(uri, experiment)
-    except ExperimentNotFound:
+    except ExperimentNotFound as error:
+        if error.names:
+            missing = ConfigError("--experiment", f"experiment {experiment!r} not found in {uri}; experiments there: {', '.join(error.names)}.")
         raise missing from None
     if runs is not None:
         return runs
@@ -165,6 +172,32 @@ def differing_params(runs) -> list[str]:
         and not key.startswith("data.")
         and len({run.data.params.get(key, defaults.get(key)) for run in runs}) > 1
     ]
+
+
+def run_kind(run) -> str:
+    """Say which command made ``run``: train, or evaluate or reproduce of another run."""
+    tags = run.data.tags
+    if tags.get("fungiexp.evaluates"):
+        return f"evaluate {tags['fungiexp.evaluates'][:8]}"
+    if tags.get("fungiexp.reproduces"):
+        return f"reproduce {tags['fungiexp.reproduces'][:8]}"
+    if tags.get("fungiexp.reproduce.experiment"):
+        return f"reproduce {tags['fungiexp.reproduce.experiment']}"
+    return "train"
+
+
+def check_plot_params(params: list[str], varying: list[str]) -> None:
+    """Raise a ConfigError naming the close names when a --plot parameter does not vary between the runs."""
+    import difflib
+
+    if len(params) > 2:
+        raise ConfigError("--plot", f"give one or two parameters, not {len(params)}.")
+    for param in params:
+        if param in varying:
+            continue
+        close = difflib.get_close_matches(param, varying, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError("--plot", f"parameter {param!r} does not vary between these runs; {hint}varying: {', '.join(varying) or 'none'}.")
 
 
 def schema_default_params() -> dict[str, str]:
@@ -260,10 +293,7 @@ def plot_metric(rows: list[dict], params: list[str], metric: str):
     import numpy as np
     from matplotlib.figure import Figure
 
-    varying = [key for key in rows[0] if "/" not in key and key not in ("run", "runs")]
-    for param in params:
-        if param not in rows[0]:
-            raise ConfigError("--plot", f"parameter {param!r} does not vary between these runs; varying: {', '.join(varying)}.")
+    check_plot_params(params, [key for key in rows[0] if "/" not in key and key not in ("run", "runs", "made by")])
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.subplots()
     if len(params) == 1:

@@ -43,6 +43,10 @@ def data_main(args: list[str]) -> int:
         print(f"fungiexp data: unknown subcommand {subcommand!r}; valid subcommands: fetch, check.\n", file=sys.stderr)
         print(USAGE, end="", file=sys.stderr)
         return 2
+    unknown = [arg for arg in overrides if arg.startswith("-")]
+    if unknown:
+        print(f"fungiexp data {subcommand}: error: unknown option {unknown[0]!r}; the only option is --all (for check).", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:

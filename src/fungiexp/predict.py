@@ -103,7 +103,8 @@ def run_predict(options) -> int:
             print(f"Wrote {len(group_rows)} {options.group_by} summaries to {group_path}")
 
     if failures:
-        print(f"\n{len(failures)} files failed and were skipped:", file=sys.stderr)
+        failed = "file failed and was" if len(failures) == 1 else "files failed and were"
+        print(f"\n{len(failures)} {failed} skipped:", file=sys.stderr)
         for path, reason in failures:
             print(f"  {path}: {reason}", file=sys.stderr)
         return 1

@@ -53,7 +53,11 @@ class StoredRun:
 
 
 class ExperimentNotFound(LookupError):
-    """The store has no experiment of that name."""
+    """The store has no experiment of that name; ``names`` lists the experiments it has."""
+
+    def __init__(self, experiment: str, names: list[str]):
+        super().__init__(experiment)
+        self.names = names
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -103,7 +107,8 @@ def _has_expected_schema(connection: sqlite3.Connection) -> bool:
 def _read(connection: sqlite3.Connection, experiment: str) -> list[StoredRun]:
     found = connection.execute("SELECT experiment_id FROM experiments WHERE name = ?", (experiment,)).fetchone()
     if found is None:
-        raise ExperimentNotFound(experiment)
+        names = [name for (name,) in connection.execute("SELECT name FROM experiments WHERE lifecycle_stage = 'active' ORDER BY name")]
+        raise ExperimentNotFound(experiment, names)
     selected = "SELECT run_uuid FROM runs WHERE experiment_id = ? AND lifecycle_stage = 'active'"
     runs: dict[str, StoredRun] = {}
     for run_id, status, start_time in connection.execute(

@@ -48,7 +48,9 @@ def _scoring(scoring: dict) -> str:
         views = f"the mean of {scoring['view_count']} test-time views (evaluation.tta_views={scoring['tta_views']})"
     else:
         views = "one view per image (evaluation.tta=false)"
-    if scoring["class_offsets"]:
+    if scoring["class_offsets"] and scoring.get("offsets_all_zero"):
+        offsets = "class offsets tuned on validation, all zero (no prediction changed)"
+    elif scoring["class_offsets"]:
         offsets = f"class offsets chosen on validation (macro F1 without them: {scoring['macro_f1_without_offsets']:.4f})"
     else:
         offsets = "no class offsets"

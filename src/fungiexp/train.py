@@ -458,6 +458,7 @@ def evaluate_and_log(cfg: DictConfig, model: keras.Model, data: PreparedData, da
         "tta_views": views,
         "view_count": len(evaluate.TTA_VIEWS[views]) if views else 1,
         "class_offsets": offsets is not None,
+        "offsets_all_zero": offsets is not None and not np.any(offsets),
         "macro_f1_without_offsets": plain["macro_f1"] if offsets is not None else None,
     }
     bootstrap = cfg.evaluation.bootstrap
