@@ -217,7 +217,8 @@ def schema_default_params() -> dict[str, str]:
             for key, child in value.items():
                 visit(f"{prefix}.{key}" if prefix else str(key), child)
         elif value != "???":
-            # The same text as fungiexp.tracking.flatten_config writes.
+            # Formatted as fungiexp.tracking.flatten_config does. That module imports MLflow
+            # (about 2 s here), which compare skips for a SQLite store.
             flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
 
     visit("", defaults)
