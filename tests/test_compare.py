@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate, check_plot_params, choose_metrics, differing_params, following_columns, run_kind
+from fungiexp.compare import aggregate, check_plot_params, choose_metrics, differing_params, following_columns, format_rows, run_kind
 from fungiexp.errors import ConfigError
 
 
@@ -72,6 +72,19 @@ def test_aggregate_counts_rescored_model_once():
     (row,) = aggregate(rows, [], ["test/macro_f1"], models=["a", "a", "b"])
     assert row["runs"] == 2
     assert row["test/macro_f1 mean"] == pytest.approx(0.75)
+
+
+def test_format_rows_one_run_group():
+    rows = [
+        {"run": "a", "model.weights": "None", "trainer.deterministic": "True", "trainer.seed": "1", "test/macro_f1": 0.6},
+        {"run": "b", "model.weights": "None", "trainer.deterministic": "True", "trainer.seed": "2", "test/macro_f1": 0.8},
+        {"run": "c", "model.weights": "imagenet", "trainer.deterministic": "False", "trainer.seed": "1", "test/macro_f1": 0.7},
+    ]
+    grouped = aggregate(rows, ["model.weights", "trainer.deterministic"], ["test/macro_f1"])
+    lines = format_rows(grouped).splitlines()
+    assert lines[1].split() == ["null", "true", "2", "0.7000", "0.1414"]
+    # One run has no standard deviation.
+    assert lines[2].split() == ["imagenet", "false", "1", "0.7000", "-"]
 
 
 @pytest.mark.slow

@@ -280,7 +280,13 @@ def following_columns(rows: list[dict], varying: list[str]) -> set[str]:
 
 
 def format_rows(rows: list[dict], columns: list[str] | None = None) -> str:
-    """Format rows as a fixed-width table, numbers with four decimals."""
+    """Format rows as a fixed-width table, numbers with four decimals.
+
+    Values are spelled as on the command line (null, true, false rather
+    than the None, True, False that MLflow stores), and a value that does
+    not exist, such as the standard deviation of a one-run group, shows as
+    "-". The CSV keeps the stored spelling.
+    """
     columns = list(rows[0]) if columns is None else columns
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
@@ -422,7 +428,12 @@ def _number(value) -> float:
     return -math.inf if math.isnan(number) else number
 
 
+# Logged values in Python's spelling, mapped to the spelling of overrides.
+_YAML_SPELLING = {"None": "null", "True": "true", "False": "false"}
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+        return "-" if math.isnan(value) else f"{value:.4f}"
+    text = str(value)
+    return _YAML_SPELLING.get(text, text)

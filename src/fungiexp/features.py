@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,9 @@ def features_for(
         log.warning("Feature cache %s has shape %s %s, expected %s %s; computing it again", path, stored.shape, stored.dtype, shape, dtype)
 
     in_memory = size <= budget["bytes"]
+    started = time.perf_counter()
     log.info(
-        "Feature cache built for the %s split: %d images to %s of %s (%.0f MiB) %s",
+        "Building the feature cache for the %s split: %d images to %s of %s (%.0f MiB) %s",
         split,
         count,
         "x".join(str(side) for side in shape[1:]),
@@ -176,7 +178,9 @@ def features_for(
     budget.setdefault("actions", []).append("built")
     if in_memory and not settings.persist:
         budget["bytes"] -= size
-        return _compute(prefix, dataset, np.empty(shape, dtype=dtype))
+        features = _compute(prefix, dataset, np.empty(shape, dtype=dtype))
+        log.info("Feature cache built for the %s split in %.0f s", split, time.perf_counter() - started)
+        return features
     folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     target = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
@@ -185,6 +189,7 @@ def features_for(
     del target
     # Renamed only when complete, so an interrupted build is never reused.
     os.replace(temporary, path)
+    log.info("Feature cache built for the %s split in %.0f s", split, time.perf_counter() - started)
     if in_memory:
         budget["bytes"] -= size
         return np.load(path)
