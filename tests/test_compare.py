@@ -85,6 +85,7 @@ def test_format_rows_one_run_group():
     assert lines[1].split() == ["null", "true", "2", "0.7000", "0.1414"]
     # One run has no standard deviation.
     assert lines[2].split() == ["imagenet", "false", "1", "0.7000", "-"]
+    assert all(line == line.rstrip() for line in lines)
 
 
 @pytest.mark.slow

@@ -192,3 +192,10 @@ def test_data_unknown_option_is_named(capsys):
 
     assert data_main(["check", "--al"]) == 2
     assert "unknown option '--al'; the only option is --all" in capsys.readouterr().err
+
+
+def test_data_misspelled_key(capsys):
+    from fungiexp.datacli import data_main
+
+    assert data_main(["fetch", "dataset.sourc=archive.zip"]) == 1
+    assert "dataset.sourc: unknown key. Did you mean dataset.source?" in capsys.readouterr().err

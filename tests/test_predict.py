@@ -215,7 +215,18 @@ def test_evaluate_scores_logged_model_again(finished_run, capsys):
     assert "offsets/H1" in again.data.metrics
     out = capsys.readouterr().out
     assert "Test results on" in out
-    assert "class offsets chosen on validation (macro F1 without them:" in out
+    assert "class offsets chosen on validation (test macro F1 without them:" in out
+    assert f"Scoring the model of run {finished_run['run_id']}" in out
+
+
+def test_sweep_parent_run_has_no_model(finished_run, synthetic_root, capsys):
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    original = client.get_run(finished_run["run_id"])
+    parent = client.create_run(original.info.experiment_id, tags={"fungiexp.sweep.role": "parent"})
+    client.set_terminated(parent.info.run_id)
+    status = predict_main([parent.info.run_id, "--tracking-uri", finished_run["tracking_uri"], str(synthetic_root)])
+    assert status == 1
+    assert "is the parent run of a sweep and has no model of its own" in capsys.readouterr().err
 
 
 def test_reevaluation_plots_training_curves(finished_run, monkeypatch):

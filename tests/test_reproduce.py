@@ -139,6 +139,13 @@ def test_notebook_experiments_run_with_random_weights(name, quick_overrides, cap
     assert status in (0, 1)
 
 
+def test_reproduce_bare_experiment_name(capsys):
+    assert reproduce_main(["defungi5_small_cnn_quick"]) == 1
+    assert "is an experiment name; pass the file, experiments/defungi5_small_cnn_quick.yaml" in capsys.readouterr().err
+    assert reproduce_main(["experiments/defungi5_small_cnn_quik.yaml"]) == 1
+    assert "defungi5_small_cnn_quick.yaml" in capsys.readouterr().err
+
+
 def test_comparison_table_marks_bounds():
     reported = compose_config(["+experiment=notebook_vgg16_block5"]).reported
     rows = compare_metrics(reported, {"test/accuracy": 0.40, "test/H3/f1": 0.30}, 0.05)

@@ -30,6 +30,16 @@ Run `fungiexp COMMAND --help` for the options of a command.
 
 def main(argv: list[str] | None = None) -> int:
     """Run the subcommand named in ``argv`` (default: ``sys.argv[1:]``) and return its exit status."""
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        # The reader of the output (head, less) closed it early, so stop quietly.
+        # Pointing stdout at /dev/null keeps Python's own flush at exit from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")

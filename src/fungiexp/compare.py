@@ -97,8 +97,9 @@ def run_compare(options) -> int:
         for run in runs
     ]
     if options.aggregate:
-        # A run of fungiexp evaluate scores the model of the run it names again.
-        models = [run.data.tags.get("fungiexp.evaluates", run.info.run_id) for run in runs]
+        # A run of fungiexp evaluate scores the model of the run it names again,
+        # and one of fungiexp reproduce RUN_ID trains it again with the same seed.
+        models = [run.data.tags.get("fungiexp.evaluates") or run.data.tags.get("fungiexp.reproduces") or run.info.run_id for run in runs]
         rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, models)
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
@@ -108,6 +109,7 @@ def run_compare(options) -> int:
     if len(visible_columns) < len(rows[0]):
         print(f"({len(rows[0]) - len(visible_columns)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
     if options.csv:
+        Path(options.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(options.csv, "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -290,8 +292,8 @@ def format_rows(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = list(rows[0]) if columns is None else columns
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[index]) for line in cells)) for index, column in enumerate(columns)]
-    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
     return "\n".join(lines)
 
 

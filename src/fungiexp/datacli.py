@@ -47,6 +47,12 @@ def data_main(args: list[str]) -> int:
     if unknown:
         print(f"fungiexp data {subcommand}: error: unknown option {unknown[0]!r}; the only option is --all (for check).", file=sys.stderr)
         return 2
+    from fungiexp.validate import check_overrides
+
+    problem = check_overrides(overrides)
+    if problem:
+        print(f"fungiexp data {subcommand}: error: {problem}", file=sys.stderr)
+        return 1
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:

@@ -155,9 +155,15 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     run_id = resolve_run_id(resolve_tracking_uri(tracking_uri), run_id)
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
+    if run.data.tags.get("fungiexp.sweep.role") == "parent":
+        raise ConfigError(
+            "run id",
+            f"run {run_id} is the parent run of a sweep and has no model of its own; "
+            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
+        )
     # The downloads are only needed while loading, so they go into a folder that is removed afterwards.
     with tempfile.TemporaryDirectory(prefix="fungiexp-predict-") as folder:
         try:

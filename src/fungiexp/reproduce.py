@@ -64,6 +64,9 @@ def reproduce_main(args: list[str]) -> int:
         action="store_true",
         help="run every seed of the experiment's reported.seeds and compare the means with reported.mean",
     )
+    if not args:
+        # parse_intermixed_args would also report the optional overrides as missing.
+        parser.error("the following argument is required: target")
     # Flags may come before or after the overrides.
     options = parser.parse_intermixed_args(args)
 
@@ -75,6 +78,11 @@ def reproduce_main(args: list[str]) -> int:
     try:
         if options.target.endswith((".yaml", ".yml")):
             return reproduce_experiment(Path(options.target), options.overrides, options.accept_differences, options.tolerance, options.seeds)
+        from fungiexp.app import config_dir
+
+        named = Path("experiments") / f"{options.target}.yaml"
+        if (config_dir() / "experiment" / named.name).is_file():
+            raise ConfigError("target", f"{options.target!r} is an experiment name; pass the file, {named}.")
         return reproduce_run(options.target, options.overrides, 0.0 if options.tolerance is None else options.tolerance)
     except FungiexpError as error:
         print(f"fungiexp reproduce: error: {error}", file=sys.stderr)
@@ -92,7 +100,8 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
 
     experiments = (config_dir() / "experiment").resolve()
     if not path.is_file():
-        raise ConfigError("experiment", f"file {path} not found; experiment files live in {experiments}.")
+        names = ", ".join(sorted(found.name for found in experiments.glob("*.yaml")))
+        raise ConfigError("experiment", f"file {path} not found; experiment files live in {experiments}: {names}.")
     if path.resolve().parent != experiments:
         raise ConfigError("experiment", f"{path} is not in {experiments}; copy it there to run it.")
     cfg = compose_config([f"+experiment={path.stem}", *overrides])

@@ -51,7 +51,7 @@ def _scoring(scoring: dict) -> str:
     if scoring["class_offsets"] and scoring.get("offsets_all_zero"):
         offsets = "class offsets tuned on validation, all zero (no prediction changed)"
     elif scoring["class_offsets"]:
-        offsets = f"class offsets chosen on validation (macro F1 without them: {scoring['macro_f1_without_offsets']:.4f})"
+        offsets = f"class offsets chosen on validation (test macro F1 without them: {scoring['macro_f1_without_offsets']:.4f})"
     else:
         offsets = "no class offsets"
     return f"{views} and {offsets}."
