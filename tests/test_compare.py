@@ -11,7 +11,16 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fungiexp.compare import aggregate, check_plot_params, choose_metrics, differing_params, following_columns, format_rows, run_kind
+from fungiexp.compare import (
+    aggregate,
+    check_plot_params,
+    choose_metrics,
+    differing_params,
+    following_columns,
+    format_rows,
+    mean_std_cells,
+    run_kind,
+)
 from fungiexp.errors import ConfigError
 
 
@@ -86,6 +95,11 @@ def test_format_rows_one_run_group():
     # One run has no standard deviation.
     assert lines[2].split() == ["imagenet", "false", "1", "0.7000", "-"]
     assert all(line == line.rstrip() for line in lines)
+    # The printed table puts mean and standard deviation into one cell.
+    merged = format_rows(mean_std_cells(grouped, ["test/macro_f1"])).splitlines()
+    assert merged[0].split() == ["model.weights", "trainer.deterministic", "runs", "test/macro_f1"]
+    assert merged[1].endswith("0.7000 +/- 0.1414")
+    assert merged[2].endswith("0.7000")
 
 
 @pytest.mark.slow

@@ -104,10 +104,11 @@ def run_compare(options) -> int:
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
-    visible_columns = [column for column in rows[0] if column not in following_columns(rows, varying)]
-    print(format_rows(rows, visible_columns))
-    if len(visible_columns) < len(rows[0]):
-        print(f"({len(rows[0]) - len(visible_columns)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
+    printed = mean_std_cells(rows, metrics) if options.aggregate else rows
+    visible_columns = [column for column in printed[0] if column not in following_columns(printed, varying)]
+    print(format_rows(printed, visible_columns))
+    if len(visible_columns) < len(printed[0]):
+        print(f"({len(printed[0]) - len(visible_columns)} columns hidden: their values follow a config group's name; --csv FILE writes them all)")
     if options.csv:
         Path(options.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(options.csv, "w", newline="") as stream:
@@ -259,6 +260,22 @@ def aggregate(rows: list[dict], group_keys: list[str], metrics: list[str], model
     return result
 
 
+def mean_std_cells(rows: list[dict], metrics: list[str]) -> list[dict]:
+    """Return aggregated rows with each metric's mean and standard deviation in one "mean +/- std" cell.
+
+    This halves the width of the printed table. A group of one run shows its
+    value alone.
+    """
+    merged = []
+    for row in rows:
+        entry = {key: value for key, value in row.items() if not key.endswith((" mean", " std"))}
+        for metric in metrics:
+            mean, std = row[f"{metric} mean"], row[f"{metric} std"]
+            entry[metric] = mean if math.isnan(std) else f"{mean:.4f} +/- {std:.4f}"
+        merged.append(entry)
+    return merged
+
+
 def following_columns(rows: list[dict], varying: list[str]) -> set[str]:
     """Return the parameter columns whose value is fixed by their config group's name.
 
@@ -285,9 +302,9 @@ def format_rows(rows: list[dict], columns: list[str] | None = None) -> str:
     """Format rows as a fixed-width table, numbers with four decimals.
 
     Values are spelled as on the command line (null, true, false rather
-    than the None, True, False that MLflow stores), and a value that does
-    not exist, such as the standard deviation of a one-run group, shows as
-    "-". The CSV keeps the stored spelling.
+    than the None, True, False that MLflow stores), and a missing value
+    (nan), such as a metric that a run did not log, shows as "-". The CSV
+    keeps the stored spelling.
     """
     columns = list(rows[0]) if columns is None else columns
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
