@@ -131,7 +131,7 @@ def test_summary_names_views_and_offsets():
         _summary_result({"tta_views": "flips", "view_count": 4, "class_offsets": True, "macro_f1_without_offsets": 0.61234})
     )
     assert "Scored with the mean of 4 test-time views (evaluation.tta_views=flips)" in with_both
-    assert "class offsets chosen on validation (macro F1 without them: 0.6123)" in with_both
+    assert "class offsets chosen on validation (test macro F1 without them: 0.6123)" in with_both
     plain = format_summary(_summary_result({"tta_views": None, "view_count": 1, "class_offsets": False, "macro_f1_without_offsets": None}))
     assert "Scored with one view per image (evaluation.tta=false) and no class offsets." in plain
     zero = format_summary(
