@@ -78,7 +78,8 @@ def run_evaluate(options) -> int:
 
     client = MlflowClient()
     original = client.get_run(run_id)
-    print(f"Scoring the model of run {run_id} ({original.info.run_name}) again")
+    named = f" ({original.info.run_name})" if original.info.run_name else ""
+    print(f"Scoring the model of run {run_id}{named} again")
     data = prepare_data(cfg.dataset)
     expected = original.data.tags.get("fungiexp.data.split_sha256")
     if expected and fingerprint(data.manifest) != expected:

@@ -100,8 +100,9 @@ def reproduce_experiment(path: Path, overrides: list[str], accept_differences: b
 
     experiments = (config_dir() / "experiment").resolve()
     if not path.is_file():
-        names = ", ".join(sorted(found.name for found in experiments.glob("*.yaml")))
-        raise ConfigError("experiment", f"file {path} not found; experiment files live in {experiments}: {names}.")
+        names = sorted(found.name for found in experiments.glob("*.yaml"))
+        listing = f": {', '.join(names)}" if names else ""
+        raise ConfigError("experiment", f"file {path} not found; experiment files live in {experiments}{listing}.")
     if path.resolve().parent != experiments:
         raise ConfigError("experiment", f"{path} is not in {experiments}; copy it there to run it.")
     cfg = compose_config([f"+experiment={path.stem}", *overrides])
