@@ -19,6 +19,7 @@ from fungiexp.compare import (
     following_columns,
     format_rows,
     mean_std_cells,
+    model_id,
     run_kind,
 )
 from fungiexp.errors import ConfigError
@@ -177,3 +178,34 @@ def test_run_kind_names_the_making_command():
     assert run_kind(tagged()) == "train"
     assert run_kind(tagged(fungiexp__evaluates="300e2353abcdef")) == "evaluate 300e2353"
     assert run_kind(tagged(fungiexp__reproduces="1e9156bdabcdef")) == "reproduce 1e9156bd"
+
+
+def test_model_id_follows_reruns():
+    def run(run_id, **tags):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(tags={key.replace("__", "."): value for key, value in tags.items()}))
+
+    assert model_id(run("a1")) == "a1"
+    assert model_id(run("b2", fungiexp__evaluates="a1")) == "a1"
+    # A reproduce RUN_ID rerun counts as the same model in --aggregate.
+    assert model_id(run("c3", fungiexp__reproduces="a1")) == "a1"
+
+
+def test_closed_pipe_ends_quietly():
+    # A reader such as head closes the pipe after its first lines.
+    script = (
+        "import sys\n"
+        "from fungiexp import cli\n"
+        "def lines(argv):\n"
+        "    for _ in range(100000):\n"
+        "        print('x' * 100)\n"
+        "    return 0\n"
+        "cli._dispatch = lines\n"
+        "sys.exit(cli.main())\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer.stdout.readline()
+    writer.stdout.close()
+    with writer.stderr:
+        error = writer.stderr.read().decode()
+    assert writer.wait(timeout=60) == 1
+    assert "BrokenPipeError" not in error

@@ -139,6 +139,14 @@ def test_notebook_experiments_run_with_random_weights(name, quick_overrides, cap
     assert status in (0, 1)
 
 
+def test_reproduce_without_arguments(capsys):
+    with pytest.raises(SystemExit):
+        reproduce_main([])
+    error = capsys.readouterr().err
+    assert "the following argument is required: target" in error
+    assert "overrides" not in error.splitlines()[-1]
+
+
 def test_reproduce_bare_experiment_name(capsys):
     assert reproduce_main(["defungi5_small_cnn_quick"]) == 1
     assert "is an experiment name; pass the file, experiments/defungi5_small_cnn_quick.yaml" in capsys.readouterr().err

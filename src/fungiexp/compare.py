@@ -97,10 +97,7 @@ def run_compare(options) -> int:
         for run in runs
     ]
     if options.aggregate:
-        # A run of fungiexp evaluate scores the model of the run it names again,
-        # and one of fungiexp reproduce RUN_ID trains it again with the same seed.
-        models = [run.data.tags.get("fungiexp.evaluates") or run.data.tags.get("fungiexp.reproduces") or run.info.run_id for run in runs]
-        rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, models)
+        rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, [model_id(run) for run in runs])
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
@@ -175,6 +172,16 @@ def differing_params(runs) -> list[str]:
         and not key.startswith("data.")
         and len({run.data.params.get(key, defaults.get(key)) for run in runs}) > 1
     ]
+
+
+def model_id(run) -> str:
+    """Return the id of the run whose model ``run`` scores.
+
+    A run of fungiexp evaluate scores the model of the run it names again,
+    and one of fungiexp reproduce RUN_ID trains that model again with the same seed.
+    """
+    tags = run.data.tags
+    return tags.get("fungiexp.evaluates") or tags.get("fungiexp.reproduces") or run.info.run_id
 
 
 def run_kind(run) -> str:
