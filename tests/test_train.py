@@ -161,6 +161,21 @@ def test_cli_help_lists_train():
     assert "train" in completed.stdout
 
 
+def test_train_help_says_experiment_needs_a_plus():
+    completed = run_cli("train", "--help", cwd=REPO_ROOT)
+    assert completed.returncode == 0
+    assert "model: small_cnn, small_cnn_bn, vgg16" in completed.stdout
+    assert "add them with a plus, as in +experiment=NAME" in completed.stdout
+
+
+def test_cli_names_a_misspelt_group_option(tmp_path):
+    completed = run_cli("train", "model=small_cn", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert "model=small_cn: no such option" in completed.stderr
+    assert "Did you mean small_cnn?" in completed.stderr
+    assert "HYDRA_FULL_ERROR" not in completed.stderr
+
+
 def test_cli_config_error_exits_without_traceback(quick_overrides, tmp_path):
     completed = run_cli("train", *quick_overrides, "fine_tune=block5", f"hydra.run.dir={tmp_path}/hydra", cwd=tmp_path)
     assert completed.returncode == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,11 +132,19 @@ def test_override_keys_are_checked_against_the_schema(key, message):
         ("+trainer.ema_decy=0.9", "trainer.ema_decy: unknown key. Did you mean trainer.ema_decay?"),
         ("++trainer.ema=0.9", None),
         ("+dataset.split.manifest=split.csv", None),
+        ("model=small_cn", "model=small_cn: no such option (conf/model/small_cn.yaml does not exist). Did you mean small_cnn? Options: small_cnn, small_cnn_bn, vgg16."),
+        ("model=vgg16,small_cn", "model=small_cn: no such option (conf/model/small_cn.yaml does not exist). Did you mean small_cnn? Options: small_cnn, small_cnn_bn, vgg16."),
+        ("model=vgg16,small_cnn", None),
+        ("model=choice(vgg16,small_cnn)", None),
+        ("+experiment=notebook_smal_cnn", "experiment=notebook_smal_cnn: no such option (conf/experiment/notebook_smal_cnn.yaml does not exist). Did you mean notebook_small_cnn? Options: defungi5_scratch_reference, defungi5_small_cnn_quick, defungi5_small_cnn_reference, defungi5_vgg16_corrected, notebook_small_cnn, notebook_vgg16_block5."),
+        ("augmentation=xyz", "augmentation=xyz: no such option (conf/augmentation/xyz.yaml does not exist). Options: microscopy, none, notebook, strong."),
     ],
 )
-def test_group_names_are_checked(override, message):
+def test_group_names_are_checked(override, message, monkeypatch):
     from fungiexp.validate import check_overrides
 
+    # Paths in the messages are relative to the working directory.
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     assert check_overrides([override]) == message
 
 

@@ -35,7 +35,7 @@ def predict_main(args: list[str]) -> int:
     parser.add_argument("run_id", help="MLflow run id whose model/model.keras is used")
     parser.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--group-by", choices=("source_image", "sample"), help="also summarise per source image or sample")
-    parser.add_argument("--output", default="predictions.csv", help="CSV file for the per-image results (default: predictions.csv)")
+    parser.add_argument("--output", default="predictions.csv", help="CSV file for the per-image results; a missing folder is created (default: predictions.csv)")
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri of the project's config)"
     )

@@ -71,9 +71,11 @@ def _check_schema(cfg: DictConfig) -> None:
     except OmegaConfBaseException as error:
         key = error.full_key or "config"
         value = OmegaConf.select(cfg, key, default=None) if error.full_key else None
-        expected = "a list, for example [128, 128]" if "ListConfig" in str(error.msg) else _expected_type(key)
+        if "ListConfig" in str(error.msg):
+            # OmegaConf's own words here ("AnyNode is not a ListConfig") name its internals, not the fix.
+            raise ConfigError(key, f"invalid value {value!r}: expected a list, for example [128, 128].") from None
         first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
-        raise ConfigError(key, f"invalid value {value!r}: expected {expected} ({first_line}).") from None
+        raise ConfigError(key, f"invalid value {value!r}: expected {_expected_type(key)} ({first_line}).") from None
     _check_booleans(OmegaConf.to_container(cfg, resolve=False), "")
 
 
@@ -167,17 +169,55 @@ def check_overrides(args: list[str]) -> str | None:
     dot must name a config group or section (``model=vgg16``).
     """
     for arg in args:
-        key, equals, _ = arg.partition("=")
-        if key.startswith("+") and not key.startswith("++") and "." in key:
+        key, equals, value = arg.partition("=")
+        if key.startswith("+") and not key.startswith("++") and (key[1:] in OPTIONAL_GROUPS or "." in key):
             key = key[1:]
+        elif key in OPTIONAL_GROUPS and equals:
+            return f"{key}: this config group is not in the defaults list, so add it with a plus: +{arg}"
         if not equals or key.startswith(("+", "~", "-", "hydra.", "hydra/")):
             continue
-        if key in OPTIONAL_GROUPS:
-            return f"{key}: this config group is not in the defaults list, so add it with a plus: +{arg}"
-        problem = unknown_override_key(key)
+        problem = unknown_override_key(key) if key not in OPTIONAL_GROUPS else None
+        if problem is None and "." not in key:
+            problem = unknown_group_option(key, value)
         if problem:
             return problem
     return None
+
+
+# Characters of Hydra's sweep and interpolation syntax (range(), choice(), glob(), ${...}),
+# whose values only Hydra can expand.
+_SWEEP_SYNTAX = set("()[]{}$*")
+
+
+def unknown_group_option(group: str, value: str) -> str | None:
+    """Return an error message if ``value`` names no option of the config group ``group``, else None.
+
+    ``value`` may list several options for a sweep (``model=vgg16,small_cnn``).
+    Hydra rejects an unknown option too, but its message lists the config
+    search path and an environment variable. This one names the closest
+    option instead. Values in Hydra's sweep syntax are left to Hydra.
+    """
+    from fungiexp.app import config_dir
+
+    folder = config_dir() / group
+    if not folder.is_dir() or _SWEEP_SYNTAX & set(value) or value == "null":
+        return None
+    options = sorted(path.stem for path in folder.glob("*.yaml"))
+    for option in (part.strip() for part in value.split(",")):
+        if option in options:
+            continue
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f"Did you mean {close[0]}? " if close else ""
+        return f"{group}={option}: no such option ({_shown(folder / (option + '.yaml'))} does not exist). {hint}Options: {', '.join(options)}."
+    return None
+
+
+def _shown(path: Path) -> str:
+    """Return ``path`` relative to the working directory where it lies below it, else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def choice(key: str, value, allowed) -> None:
