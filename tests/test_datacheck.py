@@ -91,6 +91,23 @@ def test_check_counts_sources_and_samples(tmp_path):
     assert not report.blocking
 
 
+def test_source_counts_leave_out_uncounted_files(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "ok", source_images=4, patches=2, size=8)
+    before = check(root).classes
+    counts = {code: (stats.images, stats.source_images, stats.samples) for code, stats in before.items()}
+    # A copy of an H1 image filed as H6, and a file that is no image.
+    shutil.copy(root / "TSH" / "H1_1a_1.jpg", root / "BBH" / "H6_997a_1.jpg")
+    (root / "GMA" / "H3_998a_1.jpg").write_text("not an image")
+
+    after = check(root).classes
+
+    assert (after["H6"].images, after["H6"].source_images, after["H6"].samples) == counts["H6"]
+    assert (after["H3"].images, after["H3"].source_images, after["H3"].samples) == counts["H3"]
+    # The H1 original conflicts with its copy, so one H1 image is not counted; its source image has a second patch.
+    assert after["H1"].images == counts["H1"][0] - 1
+    assert after["H1"].source_images == counts["H1"][1]
+
+
 def test_error_policy_lists_files_and_key(bad_root):
     report = check(bad_root, "dataset.classes=[H1,H2,H3,H5]")
     with pytest.raises(DataError, match=r"(?s)zero-byte files: 1.*TSH/H1_20a_1.jpg.*dataset.on_bad_image=skip"):

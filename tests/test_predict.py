@@ -255,3 +255,22 @@ def test_evaluate_rejects_training_overrides(finished_run, capsys):
 
     assert status == 1
     assert "evaluate changes only evaluation settings" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_yes_for_true(finished_run, capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    status = evaluate_main([finished_run["run_id"], "evaluation.tta=yes", "--tracking-uri", finished_run["tracking_uri"]])
+
+    assert status == 1
+    assert "evaluation.tta: invalid value 'yes': expected true or false." in capsys.readouterr().err
+
+
+def test_evaluate_without_arguments_names_run_id(capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main([])
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert "the following argument is required: run_id" in last_line
+    assert "overrides" not in last_line

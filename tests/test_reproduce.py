@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, DEFUNGI_ZIP, compose_config
-from fungiexp.reproduce import compare_metrics, format_table, reproduce_main
+from fungiexp.reproduce import compare_metrics, describe_overrides, format_table, reproduce_main
 from fungiexp.train import train
 
 pytestmark = pytest.mark.slow
@@ -145,6 +145,38 @@ def test_reproduce_without_arguments(capsys):
     error = capsys.readouterr().err
     assert "the following argument is required: target" in error
     assert "overrides" not in error.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        ({}, "has no test metrics to compare with (status KILLED): it did not finish"),
+        ({"fungiexp.sweep.role": "parent"}, "is the parent run of a sweep"),
+    ],
+)
+def test_reproduce_refuses_run_without_test_metrics(quick_overrides, tags, message, capsys):
+    store = [item for item in quick_overrides if item.startswith("tracking.")]
+    uri = next(item for item in store if item.startswith("tracking.uri=")).split("=", 1)[1]
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("test")
+    run = client.create_run(experiment_id, tags=tags)
+    client.log_metric(run.info.run_id, "val/accuracy", 0.5)
+    client.set_terminated(run.info.run_id, "KILLED")
+
+    assert reproduce_main([run.info.run_id, *store]) == 1
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Comparison with" not in error
+
+
+def test_overrides_are_listed_as_differences():
+    logged = compose_config([])
+    merged = compose_config(["trainer.epochs=1", "dataset.image_size=[32,32]"])
+    lines = describe_overrides(logged, merged, ["trainer.epochs=1", "dataset.image_size=[32,32]", "tracking.experiment=x", "trainer.seed=42"])
+    assert lines == [
+        f"trainer.epochs: {logged.trainer.epochs} then, 1 now (override)",
+        "dataset.image_size: [128, 128] then, [32, 32] now (override)",
+    ]
 
 
 def test_reproduce_bare_experiment_name(capsys):

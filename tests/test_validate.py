@@ -15,7 +15,10 @@ from fungiexp.validate import validate_config
 INVALID = [
     (["+trainer.epoch=3"], r"trainer.epoch: unknown key. Did you mean trainer.epochs\?"),
     (["trainer.epochs=abc"], r"trainer.epochs: invalid value 'abc'.*could not be converted to Integer"),
-    (["dataset.image_size=128"], r"dataset.image_size: invalid value 128: expected a list, for example \[128, 128\]"),
+    (["dataset.image_size=128"], r"dataset.image_size: invalid value 128: expected a list, for example \[128, 128\]\.$"),
+    (["evaluation.tta_views=[flips]"], r"evaluation.tta_views: invalid value \['flips'\]: expected one value, a string, not a list\.$"),
+    (["trainer.epochs=[3]"], r"trainer.epochs: invalid value \[3\]: expected one value, an integer, not a list\.$"),
+    (["dataset.image_size=[32,abc]"], r"dataset.image_size\[1\]: invalid value 'abc': expected an integer \("),
     (["trainer.epochs=0"], r"trainer.epochs: must be a positive integer; got 0"),
     (["trainer.batch_size=-8"], r"trainer.batch_size: must be a positive integer; got -8"),
     (["optimizer.lr=0"], r"optimizer.lr: must be positive; got 0\b"),
@@ -167,3 +170,31 @@ def test_reproduce_names_a_misspelt_override_key():
     assert completed.returncode == 1
     assert "fungiexp reproduce: error: trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_merged_overrides_keep_yes_as_text():
+    from fungiexp.validate import merge_overrides
+
+    cfg = compose_config([])
+    merged = merge_overrides(cfg, ["evaluation.tta=yes", "+evaluation.bootstrap.seed=3", "dataset.image_size=[48,48]"])
+    assert merged.evaluation.tta == "yes"
+    assert merged.evaluation.bootstrap.seed == 3
+    assert list(merged.dataset.image_size) == [48, 48]
+    assert cfg.evaluation.tta is False
+    with pytest.raises(ConfigError, match="expected true or false"):
+        validate_config(merged)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("evaluation.tta=true,false", "not a sweep or a deletion"),
+        ("~evaluation.tta", "not a sweep or a deletion"),
+        ("evaluation.tta_views=[flips", "cannot read this override"),
+    ],
+)
+def test_merged_overrides_reject_sweeps(override, message):
+    from fungiexp.validate import merge_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        merge_overrides(compose_config([]), [override])

@@ -113,16 +113,16 @@ def scan_dataset(dataset_cfg: DictConfig, root: Path, cache_dir: Path | None = N
     label_re = re.compile(str(dataset_cfg.label_pattern))
     group_re = re.compile(str(dataset_cfg.split.group_pattern))
     hashes: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    # Class code, source image and sample of each counted file, by relative path.
+    groups: dict[str, tuple[str, str, str]] = {}
     configured = {info.code for info in infos}
     for info in infos:
         report.classes.setdefault(info.code, ClassStats())
     for info in infos:
         folder = class_root / info.folder
-        stats = report.classes[info.code]
         if not folder.is_dir():
             report.add("missing_class_folder", info.folder, f"class {info.code}")
             continue
-        sources, samples = set(), set()
         usable = 0
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
@@ -152,9 +152,11 @@ def scan_dataset(dataset_cfg: DictConfig, root: Path, cache_dir: Path | None = N
             usable += 1
             group_match = group_re.match(path.stem)
             if group_match:
-                sources.add(group_match.groupdict().get("source_image") or path.stem)
-                samples.add(group_match.groupdict().get("sample") or path.stem)
-        stats.source_images, stats.samples = len(sources), len(samples)
+                groups[relative] = (
+                    code,
+                    group_match.groupdict().get("source_image") or path.stem,
+                    group_match.groupdict().get("sample") or path.stem,
+                )
         if usable == 0:
             report.add("empty_class_folder", info.folder, f"class {info.code}")
 
@@ -171,6 +173,15 @@ def scan_dataset(dataset_cfg: DictConfig, root: Path, cache_dir: Path | None = N
             if conflict:
                 # Neither label of a conflicting copy can be trusted, so it is not counted as an image.
                 report.classes[code].images -= 1
+                groups.pop(path, None)
+
+    # Source images and samples are counted over the same files as the images, under the same class code.
+    sources, samples = defaultdict(set), defaultdict(set)
+    for code, source, sample in groups.values():
+        sources[code].add(source)
+        samples[code].add(sample)
+    for code, stats in report.classes.items():
+        stats.source_images, stats.samples = len(sources[code]), len(samples[code])
 
     _save_cache(cache_path, fresh_cache)
     return report

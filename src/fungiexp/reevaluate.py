@@ -37,6 +37,9 @@ def evaluate_main(args: list[str]) -> int:
     parser.add_argument("run_id", help="the MLflow run whose model is scored")
     parser.add_argument("overrides", nargs="*", help="evaluation.KEY=VALUE settings, for example evaluation.tta=true")
     parser.add_argument("--tracking-uri", help="MLflow store (default: tracking.uri of the config)")
+    if not args:
+        # parse_intermixed_args would also report the optional overrides as missing.
+        parser.error("the following argument is required: run_id")
     options = parser.parse_intermixed_args(args)
     try:
         return run_evaluate(options)
@@ -69,11 +72,11 @@ def run_evaluate(options) -> int:
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
     from fungiexp.train import evaluate_and_log, logged_history, make_datasets
-    from fungiexp.validate import validate_config
+    from fungiexp.validate import merge_overrides, validate_config
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
     cfg = with_defaults(cfg)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item.lstrip("+") for item in options.overrides]))
+    cfg = merge_overrides(cfg, options.overrides)
     validate_config(cfg)
 
     client = MlflowClient()

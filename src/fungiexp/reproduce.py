@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fungiexp.errors import ConfigError, FungiexpError
 from fungiexp.schema import with_defaults
-from fungiexp.validate import check_overrides
+from fungiexp.validate import check_overrides, merge_overrides
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
         original = client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {mlflow.get_tracking_uri()}.") from error
+    _require_test_metrics(original)
 
     folder = Path(str(current.dataset.cache_dir or ".cache/fungiexp")) / "reproduce" / run_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,15 +203,20 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     cfg.dataset.split.manifest = str(Path(manifest).resolve())
     cfg.trainer.resume = None
     cfg.tracking.run_name = f"reproduce {original.info.run_name or run_id}"[:250]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item for item in overrides if not item.startswith("tracking.")]))
+    logged = cfg
+    cfg = merge_overrides(cfg, [item for item in overrides if not item.lstrip("+").startswith(("tracking.", "hydra."))])
     validate_config(cfg)
 
     data = prepare_data(cfg.dataset)
     differences = describe_differences(original.data.tags, tracking.provenance_tags(), data.content_fingerprint())
+    differences += describe_overrides(logged, cfg, overrides)
     print(f"Reproducing run {run_id}. What differs from the original run:")
     print("\n".join(f"  {line}" for line in differences) if differences else "  nothing that fungiexp records")
     if original.data.params.get("trainer.deterministic") != "True":
-        print("  the original run had trainer.deterministic=false, so exact equality is not expected")
+        print(
+            "  the original run had trainer.deterministic=false, so exact equality is not expected; "
+            "--tolerance sets the accepted difference per metric"
+        )
 
     from fungiexp.train import train
 
@@ -222,6 +228,42 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     }
     rows = compare_metrics(OmegaConf.create(reported), _run_metrics(result), tolerance)
     return _report(rows, result, f"run {run_id}")
+
+
+def _require_test_metrics(run) -> None:
+    """Raise ConfigError unless ``run`` logged test metrics that a rerun can be compared with."""
+    run_id = run.info.run_id
+    if run.data.tags.get("fungiexp.sweep.role") == "parent":
+        raise ConfigError(
+            "run id",
+            f"run {run_id} is the parent run of a sweep and has no metrics of its own; "
+            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
+        )
+    if not any(name.startswith("test/") for name in run.data.metrics):
+        raise ConfigError(
+            "run id",
+            f"run {run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. "
+            f"If it was interrupted, finish it first with: fungiexp train trainer.resume={run_id}",
+        )
+
+
+def describe_overrides(logged: DictConfig, merged: DictConfig, overrides: list[str]) -> list[str]:
+    """List the keys that command-line ``overrides`` set to another value than the logged config had."""
+    lines = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("tracking.", "hydra.")):
+            continue
+        then = OmegaConf.select(logged, key, default=None)
+        now = OmegaConf.select(merged, key, default=None)
+        if then != now:
+            lines.append(f"{key}: {_plain(then)} then, {_plain(now)} now (override)")
+    return lines
+
+
+def _plain(value):
+    """Return ``value`` as a plain Python object, for printing a config node."""
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def describe_differences(original_tags: dict, current_tags: dict, content_fingerprint: str) -> list[str]:

@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from fungiexp.errors import ConfigError
@@ -73,6 +73,8 @@ def _check_schema(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None) if error.full_key else None
         if "ListConfig" in str(error.msg):
             # OmegaConf's own words here ("AnyNode is not a ListConfig") name its internals, not the fix.
+            if isinstance(value, (list, ListConfig)):
+                raise ConfigError(key, f"invalid value {list(value)!r}: expected one value, {_expected_type(key)}, not a list.") from None
             raise ConfigError(key, f"invalid value {value!r}: expected a list, for example [128, 128].") from None
         first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
         raise ConfigError(key, f"invalid value {value!r}: expected {_expected_type(key)} ({first_line}).") from None
@@ -128,7 +130,11 @@ def _field_at(node, parts: list[str]):
 
 
 def _expected_type(key: str) -> str:
-    annotation = _schema_field(key)
+    item = re.fullmatch(r"(.+)\[\d+\]", key)
+    annotation = _schema_field(item.group(1) if item else key)
+    if item and typing.get_origin(annotation) in (list, typing.List):
+        # An item of a list key (dataset.image_size[1]) has the list's item type.
+        annotation = typing.get_args(annotation)[0]
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(annotation, "another type")
 
@@ -210,6 +216,29 @@ def unknown_group_option(group: str, value: str) -> str | None:
         hint = f"Did you mean {close[0]}? " if close else ""
         return f"{group}={option}: no such option ({_shown(folder / (option + '.yaml'))} does not exist). {hint}Options: {', '.join(options)}."
     return None
+
+
+def merge_overrides(cfg: DictConfig, items: list[str]) -> DictConfig:
+    """Return ``cfg`` with the ``KEY=VALUE`` overrides ``items`` applied, their values read as `fungiexp train` reads them.
+
+    Hydra's override grammar gives true, false, numbers, lists and null their
+    types and keeps yes, no, on and off as strings, which validation then
+    rejects for a true/false key. OmegaConf's own dot-list parser would read
+    them as booleans.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    merged = cfg.copy()
+    for item in items:
+        try:
+            (override,) = OverridesParser.create().parse_overrides([item])
+        except OverrideParseException as error:
+            raise ConfigError(item, f"cannot read this override: {str(error).splitlines()[0]}.") from None
+        if override.is_sweep_override() or override.is_delete():
+            raise ConfigError(item, "takes one KEY=VALUE setting here, not a sweep or a deletion.")
+        OmegaConf.update(merged, override.key_or_group, override.value(), merge=True)
+    return merged
 
 
 def _shown(path: Path) -> str:
