@@ -124,8 +124,10 @@ def test_keras_names_map_to_split_prefixes():
     assert keras_to_mlflow_name("val_accuracy") == "val/accuracy"
 
 
-def run_cli(*args, cwd):
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+def run_cli(*args, cwd, hydra_full_error=True):
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    if hydra_full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "fungiexp", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
     )
@@ -206,14 +208,26 @@ def test_cli_multirun_groups_jobs_under_parent(quick_overrides, tmp_path):
 
 def test_cli_multirun_failed_job_does_not_stop_others(quick_overrides, tmp_path):
     completed = run_cli(
-        "train", "-m", *quick_overrides, "fine_tune=block5,all", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path
+        "train", "-m", *quick_overrides, "fine_tune=block5,all", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, hydra_full_error=False
     )
-    assert completed.returncode != 0
-    assert "fine_tune=block5 does not apply to model=small_cnn" in completed.stdout + completed.stderr
+    assert completed.returncode == 1
+    last_line = completed.stderr.splitlines()[-1]
+    assert last_line.startswith("fungiexp train: error: a job of the sweep failed: ")
+    assert "fine_tune=block5 does not apply to model=small_cnn" in last_line
+    assert "Traceback" not in completed.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     finished = [run for run in runs if run.data.tags.get("fungiexp.sweep.job") == "1"]
     assert [run.info.status for run in finished] == ["FINISHED"]
+    (parent,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
+    assert parent.info.status == "FAILED"
+
+
+def test_cli_multirun_unreadable_override_is_one_line(tmp_path):
+    completed = run_cli("train", "-m", "trainer.seed=range(1,", cwd=tmp_path, hydra_full_error=False)
+    assert completed.returncode == 1
+    assert "fungiexp train: error: no viable alternative at input 'range(1,'" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 @pytest.fixture

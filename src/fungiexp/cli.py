@@ -61,10 +61,29 @@ def _dispatch(argv: list[str] | None) -> int:
         from fungiexp.app import train_app
         from fungiexp.sweep import end_open_parent_run
 
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from fungiexp.errors import FungiexpError
+
+        # In a sweep, Hydra prints a job's config or data error with a traceback
+        # after the last job. With HYDRA_FULL_ERROR set, Hydra raises it here
+        # instead, so it can be printed as one line like a single run's error.
+        one_line_sweep_errors = bool({"-m", "--multirun"} & set(rest)) and "HYDRA_FULL_ERROR" not in os.environ
+        if one_line_sweep_errors:
+            os.environ["HYDRA_FULL_ERROR"] = "1"
         # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.
         sys.argv = ["fungiexp train", *rest]
         try:
             train_app()
+        except (FungiexpError, HydraException, OmegaConfBaseException) as error:
+            end_open_parent_run("FAILED")
+            if not one_line_sweep_errors:
+                raise
+            # A job's config or data error, or an override that Hydra cannot read or compose.
+            failed_job = "a job of the sweep failed: " if isinstance(error, FungiexpError) else ""
+            print(f"fungiexp train: error: {failed_job}{error}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             end_open_parent_run("KILLED")
             print("fungiexp train: interrupted", file=sys.stderr)
