@@ -103,6 +103,12 @@ def test_format_rows_one_run_group():
     assert merged[2].endswith("0.7000")
 
 
+def test_logged_lists_print_as_overrides():
+    rows = [{"run": "a", "dataset.image_size": "[32, 32]", "dataset.classes": "['H1', 'H2']", "model.head": "[True, None]", "text": "[not a list"}]
+    lines = format_rows(rows).splitlines()
+    assert lines[1].split() == ["a", "[32,32]", "[H1,H2]", "[true,null]", "[not", "a", "list"]
+
+
 @pytest.mark.slow
 def test_compare_aggregates_seeds(quick_overrides, tmp_path):
     swept = run_cli("train", "-m", *quick_overrides, "trainer.seed=1,2,3", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
@@ -188,6 +194,8 @@ def test_model_id_follows_reruns():
     assert model_id(run("b2", fungiexp__evaluates="a1")) == "a1"
     # A reproduce RUN_ID rerun counts as the same model in --aggregate.
     assert model_id(run("c3", fungiexp__reproduces="a1")) == "a1"
+    # One whose overrides changed the config (here the seed) is a model of its own.
+    assert model_id(run("d4", fungiexp__reproduces="a1", fungiexp__reproduce__changed="trainer.seed")) == "d4"
 
 
 def test_closed_pipe_ends_quietly():

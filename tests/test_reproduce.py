@@ -150,7 +150,8 @@ def test_reproduce_without_arguments(capsys):
 @pytest.mark.parametrize(
     ("tags", "message"),
     [
-        ({}, "has no test metrics to compare with (status KILLED): it did not finish"),
+        ({}, "has no test metrics to compare with (status KILLED): it did not finish. It left no checkpoint to resume"),
+        ({"fungiexp.resume_command": "fungiexp train trainer.resume=abc"}, "it did not finish. Finish it first with: fungiexp train trainer.resume=abc"),
         ({"fungiexp.sweep.role": "parent"}, "is the parent run of a sweep"),
     ],
 )

@@ -206,14 +206,19 @@ def test_cli_multirun_groups_jobs_under_parent(quick_overrides, tmp_path):
     assert all(run.info.status == "FINISHED" for run in children)
 
 
-def test_cli_multirun_failed_job_does_not_stop_others(quick_overrides, tmp_path):
+def test_cli_multirun_failed_job_does_not_stop_others(quick_overrides, root_with_bad_files, tmp_path):
+    # Job 0 stops on the bad files (a data error, found only when the job reads its data); job 1 skips them.
+    overrides = [item for item in quick_overrides if not item.startswith("dataset.root=")]
     completed = run_cli(
-        "train", "-m", *quick_overrides, "fine_tune=block5,all", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, hydra_full_error=False
+        "train", "-m", *overrides, f"dataset.root={root_with_bad_files}", "dataset.on_bad_image=error,skip",
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, hydra_full_error=False,
     )
     assert completed.returncode == 1
-    last_line = completed.stderr.splitlines()[-1]
-    assert last_line.startswith("fungiexp train: error: a job of the sweep failed: ")
-    assert "fine_tune=block5 does not apply to model=small_cnn" in last_line
+    marker = "fungiexp train: error: a job of the sweep failed: "
+    assert marker in completed.stderr
+    ending = completed.stderr.split(marker)[-1]
+    assert "TSH/H1_40a_1.jpg" in ending
+    assert "dataset.on_bad_image=skip" in ending
     assert "Traceback" not in completed.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
@@ -221,6 +226,14 @@ def test_cli_multirun_failed_job_does_not_stop_others(quick_overrides, tmp_path)
     assert [run.info.status for run in finished] == ["FINISHED"]
     (parent,) = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
     assert parent.info.status == "FAILED"
+
+
+def test_cli_multirun_checks_every_job_first(quick_overrides, tmp_path):
+    completed = run_cli("train", "-m", *quick_overrides, "fine_tune=all,block5", "optimizer.lr=1e-3,-1", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert completed.stderr.splitlines()[-1].startswith("fungiexp train: error: the job with fine_tune=all optimizer.lr=-1: optimizer.lr: must be positive")
+    # No job started, so no store was created.
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_cli_multirun_unreadable_override_is_one_line(tmp_path):

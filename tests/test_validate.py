@@ -151,22 +151,19 @@ def test_group_names_are_checked(override, message, monkeypatch):
     assert check_overrides([override]) == message
 
 
+def run_fungiexp(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fungiexp", *args], capture_output=True, text=True, check=False, cwd=cwd)
+
+
 def test_cli_names_a_misspelt_override_key():
-    completed = subprocess.run(
-        [sys.executable, "-m", "fungiexp", "train", "trainer.epoch=3"], capture_output=True, text=True, check=False
-    )
+    completed = run_fungiexp("train", "trainer.epoch=3")
     assert completed.returncode == 1
     assert "trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
 def test_reproduce_names_a_misspelt_override_key():
-    completed = subprocess.run(
-        [sys.executable, "-m", "fungiexp", "reproduce", "experiments/defungi5_small_cnn_quick.yaml", "trainer.epoch=1"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    completed = run_fungiexp("reproduce", "experiments/defungi5_small_cnn_quick.yaml", "trainer.epoch=1")
     assert completed.returncode == 1
     assert "fungiexp reproduce: error: trainer.epoch: unknown key. Did you mean trainer.epochs?" in completed.stderr
     assert "Traceback" not in completed.stderr
@@ -198,3 +195,11 @@ def test_merged_overrides_reject_sweeps(override, message):
 
     with pytest.raises(ConfigError, match=message):
         merge_overrides(compose_config([]), [override])
+
+
+def test_evaluate_checks_values_before_loading_the_run(tmp_path):
+    # The run id does not exist: the value error must come first, before the store and TensorFlow are touched.
+    completed = run_fungiexp("evaluate", "nosuchrun", "evaluation.tta=yes", "--tracking-uri", f"sqlite:///{tmp_path}/none.db", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert "fungiexp evaluate: error: evaluation.tta: invalid value 'yes': expected true or false." in completed.stderr
+    assert "cuInit" not in completed.stderr

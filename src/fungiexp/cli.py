@@ -55,6 +55,10 @@ def _dispatch(argv: list[str] | None) -> int:
         from fungiexp.validate import check_overrides
 
         problem = check_overrides(rest)
+        if problem is None and {"-m", "--multirun"} & set(rest) and not {"-c", "--cfg", "--help", "-h"} & set(rest):
+            from fungiexp.validate import check_sweep_jobs
+
+            problem = check_sweep_jobs(rest)
         if problem:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1

@@ -174,14 +174,24 @@ def differing_params(runs) -> list[str]:
     ]
 
 
+# Set on a reproduce RUN_ID run whose command-line overrides changed the logged config: the keys they changed.
+REPRODUCE_CHANGED_TAG = "fungiexp.reproduce.changed"
+
+
 def model_id(run) -> str:
     """Return the id of the run whose model ``run`` scores.
 
     A run of fungiexp evaluate scores the model of the run it names again,
-    and one of fungiexp reproduce RUN_ID trains that model again with the same seed.
+    and one of fungiexp reproduce RUN_ID trains that model again with the same
+    config. A reproduce run whose overrides changed the config (another seed,
+    for example) trained a model of its own.
     """
     tags = run.data.tags
-    return tags.get("fungiexp.evaluates") or tags.get("fungiexp.reproduces") or run.info.run_id
+    if tags.get("fungiexp.evaluates"):
+        return tags["fungiexp.evaluates"]
+    if tags.get("fungiexp.reproduces") and not tags.get(REPRODUCE_CHANGED_TAG):
+        return tags["fungiexp.reproduces"]
+    return run.info.run_id
 
 
 def run_kind(run) -> str:
@@ -462,4 +472,19 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4f}"
     text = str(value)
+    if text.startswith("[") and text.endswith("]"):
+        return _list_override(text)
     return _YAML_SPELLING.get(text, text)
+
+
+def _list_override(text: str) -> str:
+    """Spell a logged list (``[32, 32]``, ``['H1', 'H2']``) as an override writes it: ``[32,32]``, ``[H1,H2]``."""
+    import ast
+
+    try:
+        items = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if not isinstance(items, list) or any(isinstance(item, (list, dict)) for item in items):
+        return text
+    return "[" + ",".join(_YAML_SPELLING.get(str(item), str(item)) for item in items) + "]"

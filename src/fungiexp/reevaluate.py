@@ -62,6 +62,12 @@ def run_evaluate(options) -> int:
                 "to change anything else, train a new run.",
             )
 
+    from fungiexp.datacli import compose_config
+    from fungiexp.validate import merge_overrides, validate_config, validate_evaluation
+
+    # Check the evaluation keys on the default config first: loading the run's model imports TensorFlow, which takes seconds.
+    validate_evaluation(merge_overrides(compose_config([]), options.overrides))
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -72,7 +78,6 @@ def run_evaluate(options) -> int:
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
     from fungiexp.train import evaluate_and_log, logged_history, make_datasets
-    from fungiexp.validate import merge_overrides, validate_config
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
     cfg = with_defaults(cfg)

@@ -209,7 +209,8 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
     data = prepare_data(cfg.dataset)
     differences = describe_differences(original.data.tags, tracking.provenance_tags(), data.content_fingerprint())
-    differences += describe_overrides(logged, cfg, overrides)
+    changed = describe_overrides(logged, cfg, overrides)
+    differences += changed
     print(f"Reproducing run {run_id}. What differs from the original run:")
     print("\n".join(f"  {line}" for line in differences) if differences else "  nothing that fungiexp records")
     if original.data.params.get("trainer.deterministic") != "True":
@@ -220,7 +221,13 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
     from fungiexp.train import train
 
-    result = train(cfg, tags={"fungiexp.reproduces": run_id})
+    from fungiexp.compare import REPRODUCE_CHANGED_TAG
+
+    tags = {"fungiexp.reproduces": run_id}
+    if changed:
+        # compare --aggregate then counts the new run as a model of its own, not as a rerun of the original.
+        tags[REPRODUCE_CHANGED_TAG] = ",".join(line.split(":", 1)[0] for line in changed)
+    result = train(cfg, tags=tags)
     reported = {
         "metrics": {name: value for name, value in original.data.metrics.items() if name.startswith("test/")},
         "maximum": {},
@@ -240,10 +247,12 @@ def _require_test_metrics(run) -> None:
             f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
         )
     if not any(name.startswith("test/") for name in run.data.metrics):
+        # fungiexp train sets this tag only on an interrupted run that left a checkpoint.
+        resume = run.data.tags.get("fungiexp.resume_command")
+        fix = f"Finish it first with: {resume}" if resume else "It left no checkpoint to resume, so train a new run."
         raise ConfigError(
             "run id",
-            f"run {run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. "
-            f"If it was interrupted, finish it first with: fungiexp train trainer.resume={run_id}",
+            f"run {run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. {fix}",
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 import urllib.parse
@@ -54,6 +55,16 @@ def validate_config(cfg: DictConfig) -> None:
     check_model(cfg.model, cfg.fine_tune, cfg.dataset.image_size)
     _check_optimizer(cfg.optimizer)
     _check_trainer(cfg.trainer)
+    _check_evaluation(cfg.evaluation, cfg.dataset.image_size)
+
+
+def validate_evaluation(cfg: DictConfig) -> None:
+    """Raise ConfigError for an unknown key, a wrong type or an invalid value under ``evaluation`` of ``cfg``.
+
+    A part of validate_config that needs no data folder and no other group's
+    values except the image size.
+    """
+    _check_schema(cfg)
     _check_evaluation(cfg.evaluation, cfg.dataset.image_size)
 
 
@@ -239,6 +250,53 @@ def merge_overrides(cfg: DictConfig, items: list[str]) -> DictConfig:
             raise ConfigError(item, "takes one KEY=VALUE setting here, not a sweep or a deletion.")
         OmegaConf.update(merged, override.key_or_group, override.value(), merge=True)
     return merged
+
+
+# Most jobs of a sweep whose configs are checked before the first job starts.
+SWEEP_CHECK_LIMIT = 100
+
+
+def check_sweep_jobs(args: list[str]) -> str | None:
+    """Return the error of the first job of the sweep ``args`` whose config is invalid, or None.
+
+    Hydra composes each job's config only when the job starts, so a bad value
+    in the third job would otherwise show after two whole trainings. The
+    jobs' configs are composed and validated here first. Sweeps that cannot
+    be listed in advance (interval() and glob() values, as sweeper plugins
+    use) or that have more than SWEEP_CHECK_LIMIT jobs are left to the jobs
+    themselves, and so are overrides Hydra cannot compose.
+    """
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from fungiexp.datacli import compose_config
+
+    items = [arg for arg in args if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+        choices = [
+            [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+            if override.is_sweep_override()
+            else [item]
+            for override, item in zip(parsed, items)
+        ]
+    except HydraException:
+        return None
+    if math.prod(len(options) for options in choices) > SWEEP_CHECK_LIMIT:
+        return None
+    for job in itertools.product(*choices):
+        try:
+            cfg = compose_config(list(job))
+        except (HydraException, OmegaConfBaseException):
+            return None
+        try:
+            validate_config(cfg)
+        except ConfigError as error:
+            swept = " ".join(override for override, options in zip(job, choices) if len(options) > 1)
+            return f"the job with {swept}: {error}" if swept else str(error)
+    return None
 
 
 def _shown(path: Path) -> str:
