@@ -46,6 +46,21 @@ def test_reproduce_run_matches_and_links(make_config, quick_overrides, capsys):
     assert linked.data.metrics["test/macro_f1"] == client.get_run(original["run_id"]).data.metrics["test/macro_f1"]
 
 
+def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_path, capsys):
+    original = train(make_config("trainer.deterministic=true"))
+    overrides = [item for item in quick_overrides if not item.startswith("trainer.checkpoint_dir=")]
+    reproduce_main([original["run_id"], *overrides, "trainer.seed=7", f"trainer.checkpoint_dir={tmp_path}/other"])
+    output = capsys.readouterr().out
+    assert "trainer.seed: 42 then, 7 now (override)" in output
+    assert f"trainer.checkpoint_dir: {tmp_path}/checkpoints then, {tmp_path}/other now (override)" in output
+    client = MlflowClient(tracking_uri=original["tracking_uri"])
+    (rerun,) = client.search_runs(
+        [original["experiment_id"]], filter_string=f"tags.`fungiexp.reproduces` = '{original['run_id']}'"
+    )
+    # Only the seed counts as a change: where checkpoints lie does not change the model.
+    assert rerun.data.tags["fungiexp.reproduce.changed"] == "trainer.seed"
+
+
 def test_reproduce_of_evaluate_run_trains_original(make_config, quick_overrides, capsys):
     from fungiexp.reevaluate import evaluate_main
 

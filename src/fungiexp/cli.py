@@ -54,8 +54,9 @@ def _dispatch(argv: list[str] | None) -> int:
     if command == "train":
         from fungiexp.validate import check_overrides
 
+        multirun = bool({"-m", "--multirun"} & set(rest))
         problem = check_overrides(rest)
-        if problem is None and {"-m", "--multirun"} & set(rest) and not {"-c", "--cfg", "--help", "-h"} & set(rest):
+        if problem is None and multirun and not {"-c", "--cfg", "--help", "-h"} & set(rest):
             from fungiexp.validate import check_sweep_jobs
 
             problem = check_sweep_jobs(rest)
@@ -73,7 +74,7 @@ def _dispatch(argv: list[str] | None) -> int:
         # In a sweep, Hydra prints a job's config or data error with a traceback
         # after the last job. With HYDRA_FULL_ERROR set, Hydra raises it here
         # instead, so it can be printed as one line like a single run's error.
-        one_line_sweep_errors = bool({"-m", "--multirun"} & set(rest)) and "HYDRA_FULL_ERROR" not in os.environ
+        one_line_sweep_errors = multirun and "HYDRA_FULL_ERROR" not in os.environ
         if one_line_sweep_errors:
             os.environ["HYDRA_FULL_ERROR"] = "1"
         # Hydra parses sys.argv itself, so hand it the arguments after the subcommand.

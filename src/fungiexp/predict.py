@@ -142,7 +142,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     from omegaconf import OmegaConf
 
     from fungiexp.evaluate import OFFSETS_ARTIFACT
-    from fungiexp.runstore import resolve_run_id
+    from fungiexp.runstore import reject_sweep_parent, resolve_run_id
     from fungiexp.tracking import resolve_tracking_uri
 
     if tracking_uri is None:
@@ -158,12 +158,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         run = client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
-    if run.data.tags.get("fungiexp.sweep.role") == "parent":
-        raise ConfigError(
-            "run id",
-            f"run {run_id} is the parent run of a sweep and has no model of its own; "
-            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
-        )
+    reject_sweep_parent(run, "model")
     # The downloads are only needed while loading, so they go into a folder that is removed afterwards.
     with tempfile.TemporaryDirectory(prefix="fungiexp-predict-") as folder:
         try:

@@ -27,6 +27,9 @@ REQUIREMENTS = {
     ),
 }
 
+# Keys that locate files (data, caches, checkpoints); they do not change how the model trains.
+LOCATION_KEYS = ("dataset.root", "dataset.source", "dataset.cache_dir", "trainer.checkpoint_dir")
+
 DESCRIPTION = """\
 Rerun a reported experiment or a logged MLflow run and compare its metrics.
 
@@ -219,14 +222,15 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
             "--tolerance sets the accepted difference per metric"
         )
 
+    from fungiexp.compare import REPRODUCE_CHANGED_TAG
     from fungiexp.train import train
 
-    from fungiexp.compare import REPRODUCE_CHANGED_TAG
-
     tags = {"fungiexp.reproduces": run_id}
-    if changed:
+    # Where the data, caches and checkpoints lie does not change the model.
+    changed_keys = [line.split(":", 1)[0] for line in changed if not line.startswith(LOCATION_KEYS)]
+    if changed_keys:
         # compare --aggregate then counts the new run as a model of its own, not as a rerun of the original.
-        tags[REPRODUCE_CHANGED_TAG] = ",".join(line.split(":", 1)[0] for line in changed)
+        tags[REPRODUCE_CHANGED_TAG] = ",".join(changed_keys)
     result = train(cfg, tags=tags)
     reported = {
         "metrics": {name: value for name, value in original.data.metrics.items() if name.startswith("test/")},
@@ -239,13 +243,10 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
 def _require_test_metrics(run) -> None:
     """Raise ConfigError unless ``run`` logged test metrics that a rerun can be compared with."""
+    from fungiexp.runstore import reject_sweep_parent
+
+    reject_sweep_parent(run, "metrics")
     run_id = run.info.run_id
-    if run.data.tags.get("fungiexp.sweep.role") == "parent":
-        raise ConfigError(
-            "run id",
-            f"run {run_id} is the parent run of a sweep and has no metrics of its own; "
-            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
-        )
     if not any(name.startswith("test/") for name in run.data.metrics):
         # fungiexp train sets this tag only on an interrupted run that left a checkpoint.
         resume = run.data.tags.get("fungiexp.resume_command")

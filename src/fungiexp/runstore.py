@@ -155,3 +155,20 @@ def resolve_run_id(uri: str, run_id: str) -> str:
     if len(found) > 1:
         raise ConfigError("run id", f"{run_id!r} is the start of {len(found)} run ids; give more characters.")
     return found[0] if found else run_id
+
+
+def reject_sweep_parent(run, lacks: str) -> None:
+    """Raise ConfigError if ``run`` is the parent run of a sweep, which has no ``lacks`` of its own (model, metrics).
+
+    Raises:
+        ConfigError: ``run`` is a sweep's parent run; the message gives the command that lists its runs.
+    """
+    from fungiexp.errors import ConfigError
+
+    if run.data.tags.get("fungiexp.sweep.role") == "parent":
+        run_id = run.info.run_id
+        raise ConfigError(
+            "run id",
+            f"run {run_id} is the parent run of a sweep and has no {lacks} of its own; "
+            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
+        )

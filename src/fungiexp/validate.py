@@ -241,9 +241,10 @@ def merge_overrides(cfg: DictConfig, items: list[str]) -> DictConfig:
     from hydra.errors import OverrideParseException
 
     merged = cfg.copy()
+    parser = OverridesParser.create()
     for item in items:
         try:
-            (override,) = OverridesParser.create().parse_overrides([item])
+            (override,) = parser.parse_overrides([item])
         except OverrideParseException as error:
             raise ConfigError(item, f"cannot read this override: {str(error).splitlines()[0]}.") from None
         if override.is_sweep_override() or override.is_delete():
