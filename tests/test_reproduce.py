@@ -165,7 +165,8 @@ def test_reproduce_without_arguments(capsys):
 @pytest.mark.parametrize(
     ("tags", "message"),
     [
-        ({}, "has no test metrics to compare with (status KILLED): it did not finish. It left no checkpoint to resume"),
+        ({}, "has no test metrics to compare with (status KILLED): it did not finish. It left no checkpoint to resume, so train a new run."),
+        ({"fungiexp.command": "fungiexp train trainer.epochs=1"}, "no checkpoint to resume, so train a new run: fungiexp train trainer.epochs=1"),
         ({"fungiexp.resume_command": "fungiexp train trainer.resume=abc"}, "it did not finish. Finish it first with: fungiexp train trainer.resume=abc"),
         ({"fungiexp.sweep.role": "parent"}, "is the parent run of a sweep"),
     ],

@@ -250,7 +250,11 @@ def _require_test_metrics(run) -> None:
     if not any(name.startswith("test/") for name in run.data.metrics):
         # fungiexp train sets this tag only on an interrupted run that left a checkpoint.
         resume = run.data.tags.get("fungiexp.resume_command")
-        fix = f"Finish it first with: {resume}" if resume else "It left no checkpoint to resume, so train a new run."
+        if resume:
+            fix = f"Finish it first with: {resume}"
+        else:
+            command = run.data.tags.get("fungiexp.command")
+            fix = "It left no checkpoint to resume, so train a new run" + (f": {command}" if command else ".")
         raise ConfigError(
             "run id",
             f"run {run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. {fix}",
