@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -121,10 +122,18 @@ def test_sigint_in_sweep_kills_parent_run(slower_root, tmp_path):
     assert parent.info.status == "KILLED", stderr[-3000:]
 
 
-def test_failed_sweep_job_fails_parent_run(quick_overrides, tmp_path):
-    # Job 0 fails its config check, job 1 trains: Hydra then exits with status 1 and skips on_multirun_end.
+def test_failed_sweep_job_fails_parent_run(synthetic_root, quick_overrides, tmp_path):
+    # Job 0 stops on an empty image file (a data error, found when the job reads its data), job 1 skips it:
+    # Hydra then exits with status 1 and skips on_multirun_end.
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "TSH" / "H1_40a_1.jpg").write_bytes(b"")
+    overrides = [item for item in quick_overrides if not item.startswith("dataset.root=")]
     completed = subprocess.run(
-        [sys.executable, "-m", "fungiexp", "train", "-m", *quick_overrides, "trainer.monitor=val_f1,val_loss", f"hydra.sweep.dir={tmp_path}/sweep"],
+        [
+            sys.executable, "-m", "fungiexp", "train", "-m", *overrides, f"dataset.root={root}",
+            "dataset.on_bad_image=error,skip", f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
