@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, DEFUNGI_ZIP, compose_config
-from fungiexp.reproduce import compare_metrics, describe_overrides, format_table, reproduce_main
+from fungiexp.reproduce import changed_by_overrides, compare_metrics, format_table, reproduce_main
 from fungiexp.train import train
 
 pytestmark = pytest.mark.slow
@@ -189,11 +189,11 @@ def test_reproduce_refuses_run_without_test_metrics(quick_overrides, tags, messa
 def test_overrides_are_listed_as_differences():
     logged = compose_config([])
     merged = compose_config(["trainer.epochs=1", "dataset.image_size=[32,32]"])
-    lines = describe_overrides(logged, merged, ["trainer.epochs=1", "dataset.image_size=[32,32]", "tracking.experiment=x", "trainer.seed=42"])
-    assert lines == [
-        f"trainer.epochs: {logged.trainer.epochs} then, 1 now (override)",
-        "dataset.image_size: [128, 128] then, [32, 32] now (override)",
-    ]
+    changed = changed_by_overrides(logged, merged, ["trainer.epochs=1", "dataset.image_size=[32,32]", "tracking.experiment=x", "trainer.seed=42"])
+    assert changed == {
+        "trainer.epochs": (logged.trainer.epochs, 1),
+        "dataset.image_size": ([128, 128], [32, 32]),
+    }
 
 
 def test_reproduce_bare_experiment_name(capsys):

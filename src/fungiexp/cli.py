@@ -71,8 +71,8 @@ def _dispatch(argv: list[str] | None) -> int:
 
         from fungiexp.errors import FungiexpError
 
-        # In a sweep, Hydra prints a job's config or data error with a traceback
-        # after the last job. With HYDRA_FULL_ERROR set, Hydra raises it here
+        # In a sweep, Hydra prints a failed job's error with a traceback after
+        # the last job. With HYDRA_FULL_ERROR set, Hydra raises it here
         # instead, so it can be printed as one line like a single run's error.
         one_line_sweep_errors = multirun and "HYDRA_FULL_ERROR" not in os.environ
         if one_line_sweep_errors:

@@ -27,7 +27,7 @@ REQUIREMENTS = {
     ),
 }
 
-# Keys that locate files (data, caches, checkpoints); they do not change how the model trains.
+# Keys that locate files (data, caches, checkpoints). They do not change how the model trains.
 LOCATION_KEYS = ("dataset.root", "dataset.source", "dataset.cache_dir", "trainer.checkpoint_dir")
 
 DESCRIPTION = """\
@@ -212,8 +212,8 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
     data = prepare_data(cfg.dataset)
     differences = describe_differences(original.data.tags, tracking.provenance_tags(), data.content_fingerprint())
-    changed = describe_overrides(logged, cfg, overrides)
-    differences += changed
+    changed = changed_by_overrides(logged, cfg, overrides)
+    differences += [f"{key}: {then} then, {now} now (override)" for key, (then, now) in changed.items()]
     print(f"Reproducing run {run_id}. What differs from the original run:")
     print("\n".join(f"  {line}" for line in differences) if differences else "  nothing that fungiexp records")
     if original.data.params.get("trainer.deterministic") != "True":
@@ -227,7 +227,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
     tags = {"fungiexp.reproduces": run_id}
     # Where the data, caches and checkpoints lie does not change the model.
-    changed_keys = [line.split(":", 1)[0] for line in changed if not line.startswith(LOCATION_KEYS)]
+    changed_keys = [key for key in changed if not key.startswith(LOCATION_KEYS)]
     if changed_keys:
         # compare --aggregate then counts the new run as a model of its own, not as a rerun of the original.
         tags[REPRODUCE_CHANGED_TAG] = ",".join(changed_keys)
@@ -244,26 +244,29 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 def _require_test_metrics(run) -> None:
     """Raise ConfigError unless ``run`` logged test metrics that a rerun can be compared with."""
     from fungiexp.runstore import reject_sweep_parent
+    from fungiexp.tracking import COMMAND_TAG, RESUME_TAG
 
     reject_sweep_parent(run, "metrics")
-    run_id = run.info.run_id
-    if not any(name.startswith("test/") for name in run.data.metrics):
-        # fungiexp train sets this tag only on an interrupted run that left a checkpoint.
-        resume = run.data.tags.get("fungiexp.resume_command")
-        if resume:
-            fix = f"Finish it first with: {resume}"
-        else:
-            command = run.data.tags.get("fungiexp.command")
-            fix = "It left no checkpoint to resume, so train a new run" + (f": {command}" if command else ".")
-        raise ConfigError(
-            "run id",
-            f"run {run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. {fix}",
-        )
+    if any(name.startswith("test/") for name in run.data.metrics):
+        return
+    # fungiexp train sets RESUME_TAG only on an interrupted run that left a checkpoint.
+    resume = run.data.tags.get(RESUME_TAG)
+    command = run.data.tags.get(COMMAND_TAG)
+    if resume:
+        fix = f"Finish it first with: {resume}"
+    elif command:
+        fix = f"It left no checkpoint to resume, so train a new run: {command}"
+    else:
+        fix = "It left no checkpoint to resume, so train a new run."
+    raise ConfigError(
+        "run id",
+        f"run {run.info.run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. {fix}",
+    )
 
 
-def describe_overrides(logged: DictConfig, merged: DictConfig, overrides: list[str]) -> list[str]:
-    """List the keys that command-line ``overrides`` set to another value than the logged config had."""
-    lines = []
+def changed_by_overrides(logged: DictConfig, merged: DictConfig, overrides: list[str]) -> dict[str, tuple]:
+    """Return the keys whose logged value the command-line ``overrides`` changed, each with its (logged, new) value."""
+    changed = {}
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key.startswith(("tracking.", "hydra.")):
@@ -271,8 +274,8 @@ def describe_overrides(logged: DictConfig, merged: DictConfig, overrides: list[s
         then = OmegaConf.select(logged, key, default=None)
         now = OmegaConf.select(merged, key, default=None)
         if then != now:
-            lines.append(f"{key}: {_plain(then)} then, {_plain(now)} now (override)")
-    return lines
+            changed[key] = (_plain(then), _plain(now))
+    return changed
 
 
 def _plain(value):

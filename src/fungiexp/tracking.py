@@ -98,13 +98,19 @@ def log_params(params: dict[str, str]) -> None:
         mlflow.log_params(dict(items[start : start + MAX_PARAMS_TAGS_PER_BATCH]))
 
 
+# The command line that started a run.
+COMMAND_TAG = "fungiexp.command"
+# Set on a run that was interrupted after a checkpoint: the command that continues it.
+RESUME_TAG = "fungiexp.resume_command"
+
+
 def provenance_tags() -> dict[str, str]:
     """Return tags that tell how to reproduce a run: git state, versions, machine."""
     tags = {
         "fungiexp.python": platform.python_version(),
         "fungiexp.platform": platform.platform(),
         "fungiexp.machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "fungiexp.command": command_line(),
+        COMMAND_TAG: command_line(),
     }
     for package in VERSIONED_PACKAGES:
         try:

@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
-# Set on a run that was interrupted after a checkpoint: the command that continues it.
-RESUME_TAG = "fungiexp.resume_command"
 # Fewer test source images than this make the bootstrap intervals rough (a rule of thumb).
 MIN_BOOTSTRAP_GROUPS = 30
 
@@ -175,7 +173,7 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
                 run.info.run_id,
                 run.info.run_id,
             )
-            mlflow.set_tag(RESUME_TAG, f"fungiexp train trainer.resume={run.info.run_id}")
+            mlflow.set_tag(tracking.RESUME_TAG, f"fungiexp train trainer.resume={run.info.run_id}")
         else:
             log.warning(
                 "Interrupted before the first epoch ended; MLflow run %s ends as KILLED with no checkpoint to resume, so start a new run",
