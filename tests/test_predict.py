@@ -229,6 +229,21 @@ def test_sweep_parent_run_has_no_model(finished_run, synthetic_root, capsys):
     assert "is the parent run of a sweep and has no model of its own" in capsys.readouterr().err
 
 
+def test_interrupted_run_gives_its_resume_command(finished_run, synthetic_root, capsys):
+    from fungiexp.reevaluate import evaluate_main
+
+    client = MlflowClient(tracking_uri=finished_run["tracking_uri"])
+    original = client.get_run(finished_run["run_id"])
+    resume = "fungiexp train trainer.resume=abc"
+    killed = client.create_run(original.info.experiment_id, tags={"fungiexp.resume_command": resume})
+    client.set_terminated(killed.info.run_id, "KILLED")
+    store = ["--tracking-uri", finished_run["tracking_uri"]]
+    assert predict_main([killed.info.run_id, *store, str(synthetic_root)]) == 1
+    assert f"has no logged model (status KILLED): it did not finish. Finish it first with: {resume}" in capsys.readouterr().err
+    assert evaluate_main([killed.info.run_id, *store]) == 1
+    assert f"Finish it first with: {resume}" in capsys.readouterr().err
+
+
 def test_reevaluation_plots_training_curves(finished_run, monkeypatch):
     import fungiexp.train
     from fungiexp.reevaluate import evaluate_main

@@ -153,6 +153,9 @@ def test_resume_of_finished_run_raises(make_config):
     result = train(make_config())
     with pytest.raises(ValueError, match=rf"trainer.resume: run {result['run_id']} already finished"):
         train(make_config(f"trainer.resume={result['run_id']}"))
+    # The 8-character id that compare prints names the same run.
+    with pytest.raises(ValueError, match=rf"trainer.resume: run {result['run_id']} already finished"):
+        train(make_config(f"trainer.resume={result['run_id'][:8]}"))
 
 
 def test_exception_in_training_exits_nonzero(synthetic_root, tmp_path):

@@ -142,7 +142,7 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     from omegaconf import OmegaConf
 
     from fungiexp.evaluate import OFFSETS_ARTIFACT
-    from fungiexp.runstore import reject_sweep_parent, resolve_run_id
+    from fungiexp.runstore import reject_sweep_parent, resolve_run_id, unfinished_run_fix
     from fungiexp.tracking import resolve_tracking_uri
 
     if tracking_uri is None:
@@ -159,6 +159,11 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
     reject_sweep_parent(run, "model")
+    if run.info.status in ("KILLED", "FAILED"):
+        raise ConfigError(
+            "run id",
+            f"run {run_id} has no logged model (status {run.info.status}): it did not finish. {unfinished_run_fix(run)}",
+        )
     # The downloads are only needed while loading, so they go into a folder that is removed afterwards.
     with tempfile.TemporaryDirectory(prefix="fungiexp-predict-") as folder:
         try:

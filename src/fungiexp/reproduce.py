@@ -243,21 +243,12 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
 
 def _require_test_metrics(run) -> None:
     """Raise ConfigError unless ``run`` logged test metrics that a rerun can be compared with."""
-    from fungiexp.runstore import reject_sweep_parent
-    from fungiexp.tracking import COMMAND_TAG, RESUME_TAG
+    from fungiexp.runstore import reject_sweep_parent, unfinished_run_fix
 
     reject_sweep_parent(run, "metrics")
     if any(name.startswith("test/") for name in run.data.metrics):
         return
-    # fungiexp train sets RESUME_TAG only on an interrupted run that left a checkpoint.
-    resume = run.data.tags.get(RESUME_TAG)
-    command = run.data.tags.get(COMMAND_TAG)
-    if resume:
-        fix = f"Finish it first with: {resume}"
-    elif command:
-        fix = f"It left no checkpoint to resume, so train a new run: {command}"
-    else:
-        fix = "It left no checkpoint to resume, so train a new run."
+    fix = unfinished_run_fix(run)
     raise ConfigError(
         "run id",
         f"run {run.info.run_id} has no test metrics to compare with (status {run.info.status}): it did not finish. {fix}",

@@ -172,3 +172,17 @@ def reject_sweep_parent(run, lacks: str) -> None:
             f"run {run_id} is the parent run of a sweep and has no {lacks} of its own; "
             f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
         )
+
+
+def unfinished_run_fix(run) -> str:
+    """Return what to do about ``run``, which did not finish: the resume command if it left a checkpoint, else a new run."""
+    from fungiexp.tracking import COMMAND_TAG, RESUME_TAG
+
+    # fungiexp train sets RESUME_TAG only on an interrupted run that left a checkpoint.
+    resume = run.data.tags.get(RESUME_TAG)
+    command = run.data.tags.get(COMMAND_TAG)
+    if resume:
+        return f"Finish it first with: {resume}"
+    if command:
+        return f"It left no checkpoint to resume, so train a new run: {command}"
+    return "It left no checkpoint to resume, so train a new run."

@@ -45,6 +45,7 @@ from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
 from fungiexp.pipeline import augmentation_generators, build_augmenter, graph_function, make_dataset
+from fungiexp.runstore import resolve_run_id
 from fungiexp.schema import with_defaults
 from fungiexp.split import SPLITS, fingerprint
 from fungiexp.sweep import sweep_tags
@@ -273,6 +274,8 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
             )
         run = unfinished[0]
     else:
+        # compare prints 8-character ids; accept them as predict, evaluate and reproduce do.
+        requested = resolve_run_id(mlflow.get_tracking_uri(), requested)
         try:
             run = client.get_run(requested)
         except MlflowException as error:
