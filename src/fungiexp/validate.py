@@ -33,6 +33,27 @@ CLASS_WEIGHTS = ("balanced", "none")
 GROUP_LEVELS = ("source_image", "sample", "none")
 BAD_IMAGE_POLICIES = ("error", "skip")
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")
+
+# The keys that take one of a fixed set of values, with those values.
+CHOICES = {
+    "dataset.on_bad_image": BAD_IMAGE_POLICIES,
+    "dataset.split.group_by": GROUP_LEVELS,
+    "augmentation.fill_mode": FILL_MODES,
+    "model.name": MODELS,
+    "model.preprocessing": PREPROCESSING,
+    "model.head.type": HEADS,
+    "optimizer.name": OPTIMIZERS,
+    "optimizer.schedule": SCHEDULES,
+    "trainer.monitor": MONITORS,
+    "trainer.objective": ("macro_f1", "accuracy"),
+    "trainer.strategy": ("default", "mirrored"),
+    "trainer.class_weight": CLASS_WEIGHTS,
+    "trainer.jit_compile": ("auto", True, False),
+    "trainer.precision": PRECISIONS,
+    "trainer.feature_cache.dtype": ("float32", "float16"),
+    "evaluation.tta_views": ("flips", "dihedral"),
+}
+
 # Layer names of keras.applications.VGG16 without its top, in order.
 VGG16_LAYERS = tuple(
     f"block{block}_{kind}"
@@ -85,7 +106,8 @@ def _check_schema(cfg: DictConfig) -> None:
         if "ListConfig" in str(error.msg):
             # OmegaConf's own words here ("AnyNode is not a ListConfig") name its internals, not the fix.
             if isinstance(value, (list, ListConfig)):
-                raise ConfigError(key, f"invalid value {list(value)!r}: expected one value, {_expected_type(key)}, not a list.") from None
+                expected = f"one of {', '.join(map(str, CHOICES[key]))}" if key in CHOICES else f"one value, {_expected_type(key)}"
+                raise ConfigError(key, f"invalid value {list(value)!r}: expected {expected}, not a list.") from None
             raise ConfigError(key, f"invalid value {value!r}: expected a list, for example [128, 128].") from None
         first_line = str(error.msg).splitlines()[0] if getattr(error, "msg", None) else str(error)
         raise ConfigError(key, f"invalid value {value!r}: expected {_expected_type(key)} ({first_line}).") from None
@@ -308,8 +330,9 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def choice(key: str, value, allowed) -> None:
-    """Raise ConfigError unless ``value`` is one of ``allowed``."""
+def choice(key: str, value) -> None:
+    """Raise ConfigError unless ``value`` is one of the values that CHOICES lists for ``key``."""
+    allowed = CHOICES[key]
     if value not in allowed:
         raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}.")
 
@@ -335,7 +358,7 @@ def _check_dataset(dataset: DictConfig) -> None:
         )
     if len(set(codes)) != len(codes):
         raise ConfigError("dataset.classes", f"lists a class more than once; got {codes}.")
-    choice("dataset.on_bad_image", dataset.on_bad_image, BAD_IMAGE_POLICIES)
+    choice("dataset.on_bad_image", dataset.on_bad_image)
     if dataset.limit_per_class is not None:
         positive("dataset.limit_per_class", dataset.limit_per_class, integer=True)
     for key in ("label_pattern", "split.group_pattern"):
@@ -364,7 +387,7 @@ def _check_dataset(dataset: DictConfig) -> None:
 
 def check_split(split: DictConfig) -> None:
     """Raise ConfigError for an invalid grouping level, fractions or fold settings of ``dataset.split``."""
-    choice("dataset.split.group_by", split.group_by, GROUP_LEVELS)
+    choice("dataset.split.group_by", split.group_by)
     for key in ("val_fraction", "test_fraction"):
         if not 0.0 < split[key] < 1.0:
             raise ConfigError(f"dataset.split.{key}", f"must be between 0 and 1 (exclusive); got {split[key]}.")
@@ -406,7 +429,7 @@ def check_augmentation(augmentation: DictConfig, image_size) -> None:
     for key in ("width_shift", "height_shift", "zoom", "brightness", "contrast"):
         if augmentation[key] >= 1:
             raise ConfigError(f"augmentation.{key}", f"must be below 1 (a fraction); got {augmentation[key]}.")
-    choice("augmentation.fill_mode", augmentation.fill_mode, FILL_MODES)
+    choice("augmentation.fill_mode", augmentation.fill_mode)
     if augmentation.rot90 and image_size[0] != image_size[1]:
         raise ConfigError(
             "augmentation.rot90",
@@ -416,9 +439,9 @@ def check_augmentation(augmentation: DictConfig, image_size) -> None:
 
 def check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
     """Raise ConfigError for an unknown model, head or preprocessing, missing weights, a too small image or a fine-tune setting the model lacks."""
-    choice("model.name", model.name, MODELS)
-    choice("model.preprocessing", model.preprocessing, PREPROCESSING)
-    choice("model.head.type", model.head.type, HEADS)
+    choice("model.name", model.name)
+    choice("model.preprocessing", model.preprocessing)
+    choice("model.head.type", model.head.type)
     if model.head.dense_units < 0:
         raise ConfigError("model.head.dense_units", f"must be 0 (no dense layer) or positive; got {model.head.dense_units}.")
     if not 0.0 <= model.head.dropout < 1.0:
@@ -471,13 +494,13 @@ def check_model(model: DictConfig, fine_tune: DictConfig, image_size) -> None:
 
 
 def _check_optimizer(optimizer: DictConfig) -> None:
-    choice("optimizer.name", optimizer.name, OPTIMIZERS)
+    choice("optimizer.name", optimizer.name)
     positive("optimizer.lr", optimizer.lr)
     if optimizer.weight_decay is not None and optimizer.weight_decay < 0:
         raise ConfigError("optimizer.weight_decay", f"must be null or 0 or positive; got {optimizer.weight_decay}.")
     if optimizer.name == "adamw" and optimizer.weight_decay is None:
         raise ConfigError("optimizer.weight_decay", "optimizer=adamw needs a weight decay, for example 0.01; or use optimizer=adam.")
-    choice("optimizer.schedule", optimizer.schedule, SCHEDULES)
+    choice("optimizer.schedule", optimizer.schedule)
     if optimizer.warmup_epochs < 0:
         raise ConfigError("optimizer.warmup_epochs", f"must be 0 or a positive integer; got {optimizer.warmup_epochs}.")
     if not 0.0 <= optimizer.min_lr_fraction <= 1.0:
@@ -487,15 +510,15 @@ def _check_optimizer(optimizer: DictConfig) -> None:
 def _check_trainer(trainer: DictConfig) -> None:
     positive("trainer.epochs", trainer.epochs, integer=True)
     positive("trainer.batch_size", trainer.batch_size, integer=True)
-    choice("trainer.monitor", trainer.monitor, MONITORS)
-    choice("trainer.objective", trainer.objective, ("macro_f1", "accuracy"))
-    choice("trainer.strategy", trainer.strategy, ("default", "mirrored"))
-    choice("trainer.class_weight", trainer.class_weight, CLASS_WEIGHTS)
+    choice("trainer.monitor", trainer.monitor)
+    choice("trainer.objective", trainer.objective)
+    choice("trainer.strategy", trainer.strategy)
+    choice("trainer.class_weight", trainer.class_weight)
     if trainer.early_stopping.enabled:
         positive("trainer.early_stopping.patience", trainer.early_stopping.patience, integer=True)
-    choice("trainer.jit_compile", trainer.jit_compile, ("auto", True, False))
-    choice("trainer.precision", trainer.precision, PRECISIONS)
-    choice("trainer.feature_cache.dtype", trainer.feature_cache.dtype, ("float32", "float16"))
+    choice("trainer.jit_compile", trainer.jit_compile)
+    choice("trainer.precision", trainer.precision)
+    choice("trainer.feature_cache.dtype", trainer.feature_cache.dtype)
     if trainer.image_cache.memory_mb < 0:
         raise ConfigError("trainer.image_cache.memory_mb", f"must be 0 (always on disk) or positive; got {trainer.image_cache.memory_mb}.")
     if trainer.feature_cache.memory_mb < 0:
@@ -507,7 +530,7 @@ def _check_trainer(trainer: DictConfig) -> None:
 
 
 def _check_evaluation(evaluation: DictConfig, image_size) -> None:
-    choice("evaluation.tta_views", evaluation.tta_views, ("flips", "dihedral"))
+    choice("evaluation.tta_views", evaluation.tta_views)
     if evaluation.tta and evaluation.tta_views == "dihedral" and image_size[0] != image_size[1]:
         raise ConfigError(
             "evaluation.tta_views",
