@@ -217,3 +217,31 @@ def test_closed_pipe_ends_quietly():
         error = writer.stderr.read().decode()
     assert writer.wait(timeout=60) == 1
     assert "BrokenPipeError" not in error
+
+
+def test_compare_counts_runs_that_did_not_finish(tmp_path, capsys):
+    from fungiexp.compare import compare_main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("test", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id, tags={"fungiexp.sweep.role": "parent"}).info.run_id
+    client.set_terminated(parent, "KILLED")
+    for seed, status in ((1, "FINISHED"), (2, "KILLED"), (3, "FAILED")):
+        run = client.create_run(experiment_id, tags={"fungiexp.sweep.parent": parent}).info.run_id
+        client.log_param(run, "trainer.seed", seed)
+        client.log_metric(run, "test/macro_f1", 0.5)
+        client.set_terminated(run, status)
+    store = ["--tracking-uri", uri, "--experiment", "test", "--sweep", "last"]
+
+    assert compare_main(store) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"Experiment 'test', sweep {parent[:8]}, which ended as KILLED: 1 run")
+    assert header.endswith("Not shown, because they did not finish: 1 FAILED, 1 KILLED (fungiexp train trainer.resume=RUN_ID continues an interrupted run).")
+
+    client.delete_run(next(run.info.run_id for run in client.search_runs([experiment_id]) if run.data.params.get("trainer.seed") == "1"))
+    assert compare_main(store) == 1
+    assert capsys.readouterr().out.strip() == (
+        f"No finished runs in experiment 'test' for sweep {parent[:8]}. Not shown, because they did not finish: "
+        "1 FAILED, 1 KILLED (fungiexp train trainer.resume=RUN_ID continues an interrupted run)."
+    )

@@ -236,6 +236,15 @@ def test_cli_multirun_checks_every_job_first(quick_overrides, tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_cli_single_run_config_error_is_one_line(quick_overrides, tmp_path):
+    completed = run_cli("train", *quick_overrides, "optimizer.lr=-1", cwd=tmp_path, hydra_full_error=False)
+    assert completed.returncode == 1
+    assert completed.stderr.splitlines()[-1] == "fungiexp train: error: optimizer.lr: must be positive; got -1."
+    # Hydra did not start, so it left no job folder.
+    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_cli_multirun_unreadable_override_is_one_line(tmp_path):
     completed = run_cli("train", "-m", "trainer.seed=range(1,", cwd=tmp_path, hydra_full_error=False)
     assert completed.returncode == 1

@@ -56,7 +56,9 @@ def _dispatch(argv: list[str] | None) -> int:
 
         multirun = bool({"-m", "--multirun"} & set(rest))
         problem = check_overrides(rest)
-        if problem is None and multirun and not {"-c", "--cfg", "--help", "-h"} & set(rest):
+        # Checking the config here, before Hydra starts, keeps a config error to one
+        # line without a job folder, and finds a bad job of a sweep before the first job trains.
+        if problem is None and not {"-c", "--cfg", "--help", "-h", "--info", "-i", "--hydra-help"} & set(rest):
             from fungiexp.validate import check_sweep_jobs
 
             problem = check_sweep_jobs(rest)

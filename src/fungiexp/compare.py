@@ -66,24 +66,30 @@ def run_compare(options) -> int:
     require_store(uri)
     runs = _fetch_runs(uri, experiment)
     parent = _sweep_parent(options.sweep, runs)
+    parent_status = next((run.info.status for run in runs if run.info.run_id == parent), None)
     runs = [
         run
         for run in runs
-        if run.info.status == "FINISHED"
-        and run.data.tags.get("fungiexp.sweep.role") != "parent"
+        if run.data.tags.get("fungiexp.sweep.role") != "parent"
         and (parent is None or run.data.tags.get("fungiexp.sweep.parent") == parent)
     ]
-    if not runs:
-        print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent}' if parent else ''}.")
-        return 1
-
+    unfinished = unfinished_note(runs)
+    runs = [run for run in runs if run.info.status == "FINISHED"]
     # Say which runs these are: a sweep may have logged to another experiment than the default.
     scope = f"sweep {parent[:8]}" if parent else "all finished runs"
+    if parent_status in ("KILLED", "FAILED"):
+        scope += f", which ended as {parent_status}"
+    elif parent_status == "RUNNING":
+        scope += ", still running"
+    if not runs:
+        print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent[:8]}' if parent else ''}.{unfinished}")
+        return 1
+
     varying = differing_params(runs)
     metrics, sort = choose_metrics(options.metrics, options.sort, runs)
     if options.plot:
         check_plot_params(options.plot.split(","), varying)
-    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment)")
+    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment){unfinished}")
     defaults = schema_default_params()
     kinds = {run.info.run_id: run_kind(run) for run in runs}
     show_kind = any(kind != "train" for kind in kinds.values())
@@ -126,6 +132,19 @@ def run_compare(options) -> int:
             MlflowClient(tracking_uri=resolve_tracking_uri(uri)).log_artifact(parent, options.plot_file, "compare")
             print(f"Logged the plot to sweep run {parent}")
     return 0
+
+
+def unfinished_note(runs) -> str:
+    """Return a sentence that counts the runs left out of the table because they did not finish, or ''."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        if run.info.status != "FINISHED":
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    if not counts:
+        return ""
+    listed = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+    hint = " (fungiexp train trainer.resume=RUN_ID continues an interrupted run)" if "KILLED" in counts else ""
+    return f" Not shown, because they did not finish: {listed}{hint}."
 
 
 def _fetch_runs(uri: str, experiment: str) -> list:
