@@ -151,6 +151,13 @@ def test_cli_prints_composed_config(tmp_path):
     assert "lr: 0.001" in completed.stdout
 
 
+def test_cli_config_printout_warns_about_invalid_value(quick_overrides, tmp_path):
+    completed = run_cli("train", *quick_overrides, "optimizer.lr=-1", "--cfg", "job", "--package", "optimizer", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "lr: -1" in completed.stdout
+    assert "fungiexp train: warning: this config would not run: optimizer.lr: must be positive; got -1." in completed.stderr
+
+
 def test_cli_rejects_unknown_command(tmp_path):
     completed = run_cli("fly", cwd=tmp_path)
     assert completed.returncode == 2

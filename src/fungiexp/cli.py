@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# Hydra's flags that take a value as the next argument (--cfg job, --package _global_).
+_VALUE_FLAGS = {"-c", "--cfg", "-p", "--package"}
+
+
+def _without_flag_values(args: list[str]) -> list[str]:
+    """Return ``args`` without the values of Hydra's flags, so that ``job`` in ``--cfg job`` is not read as an override."""
+    return [arg for index, arg in enumerate(args) if index == 0 or args[index - 1] not in _VALUE_FLAGS]
+
+
 def _dispatch(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -58,11 +68,16 @@ def _dispatch(argv: list[str] | None) -> int:
         problem = check_overrides(rest)
         # Checking the config here, before Hydra starts, keeps a config error to one
         # line without a job folder, and finds a bad job of a sweep before the first job trains.
-        if problem is None and not {"-c", "--cfg", "--help", "-h", "--info", "-i", "--hydra-help"} & set(rest):
+        flags = set(rest)
+        printing_config = bool({"-c", "--cfg"} & flags)
+        if problem is None and not {"--help", "-h", "--info", "-i", "--hydra-help"} & flags:
             from fungiexp.validate import check_sweep_jobs
 
-            problem = check_sweep_jobs(rest)
-        if problem:
+            problem = check_sweep_jobs(_without_flag_values(rest))
+        if problem and printing_config:
+            # --cfg only prints the config, so a value that would stop the run is a warning after it.
+            atexit.register(print, f"fungiexp train: warning: this config would not run: {problem}", file=sys.stderr)
+        elif problem:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1
         from fungiexp.app import train_app
