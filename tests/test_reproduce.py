@@ -59,6 +59,7 @@ def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_p
     )
     # Only the seed counts as a change: where checkpoints lie does not change the model.
     assert rerun.data.tags["fungiexp.reproduce.changed"] == "trainer.seed"
+    assert rerun.info.run_name.endswith(" trainer.seed=7")
 
 
 def test_reproduce_of_evaluate_run_trains_original(make_config, quick_overrides, capsys):
