@@ -219,7 +219,7 @@ def test_closed_pipe_ends_quietly():
     assert "BrokenPipeError" not in error
 
 
-def test_compare_counts_runs_that_did_not_finish(tmp_path, capsys):
+def test_compare_counts_unfinished_runs(tmp_path, capsys):
     from fungiexp.compare import compare_main
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

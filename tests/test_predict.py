@@ -229,7 +229,7 @@ def test_sweep_parent_run_has_no_model(finished_run, synthetic_root, capsys):
     assert "is the parent run of a sweep and has no model of its own" in capsys.readouterr().err
 
 
-def test_interrupted_run_gives_its_resume_command(finished_run, synthetic_root, capsys):
+def test_interrupted_run_gives_resume_command(finished_run, synthetic_root, capsys):
     from fungiexp.reevaluate import evaluate_main
 
     client = MlflowClient(tracking_uri=finished_run["tracking_uri"])

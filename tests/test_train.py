@@ -151,7 +151,7 @@ def test_cli_prints_composed_config(tmp_path):
     assert "lr: 0.001" in completed.stdout
 
 
-def test_cli_config_printout_warns_about_invalid_value(quick_overrides, tmp_path):
+def test_cfg_printout_warns_invalid_value(quick_overrides, tmp_path):
     completed = run_cli("train", *quick_overrides, "optimizer.lr=-1", "--cfg", "job", "--package", "optimizer", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "lr: -1" in completed.stdout
@@ -243,7 +243,7 @@ def test_cli_multirun_checks_every_job_first(quick_overrides, tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_cli_single_run_config_error_is_one_line(quick_overrides, tmp_path):
+def test_cli_config_error_is_one_line(quick_overrides, tmp_path):
     completed = run_cli("train", *quick_overrides, "optimizer.lr=-1", cwd=tmp_path, hydra_full_error=False)
     assert completed.returncode == 1
     assert completed.stderr.splitlines()[-1] == "fungiexp train: error: optimizer.lr: must be positive; got -1."
