@@ -239,7 +239,18 @@ def test_compare_counts_unfinished_runs(tmp_path, capsys):
     assert header.startswith(f"Experiment 'test', sweep {parent[:8]}, which ended as KILLED: 1 run")
     assert header.endswith("Not shown, because they did not finish: 1 FAILED, 1 KILLED (fungiexp train trainer.resume=RUN_ID continues an interrupted run).")
 
-    client.delete_run(next(run.info.run_id for run in client.search_runs([experiment_id]) if run.data.params.get("trainer.seed") == "1"))
+    # A rerun of the finished run with its own config counts once with it.
+    finished = next(run.info.run_id for run in client.search_runs([experiment_id]) if run.data.params.get("trainer.seed") == "1")
+    rerun = client.create_run(experiment_id, tags={"fungiexp.sweep.parent": parent, "fungiexp.reproduces": finished}).info.run_id
+    client.log_param(rerun, "trainer.seed", 1)
+    client.log_metric(rerun, "test/macro_f1", 0.5)
+    client.set_terminated(rerun, "FINISHED")
+    assert compare_main([*store, "--aggregate"]) == 0
+    output = capsys.readouterr().out
+    assert "(1 run was another scoring or rerun of a model already counted, so the newest of each counts once)" in output
+
+    client.delete_run(rerun)
+    client.delete_run(finished)
     assert compare_main(store) == 1
     assert capsys.readouterr().out.strip() == (
         f"No finished runs in experiment 'test' for sweep {parent[:8]}. Not shown, because they did not finish: "

@@ -104,6 +104,12 @@ def run_compare(options) -> int:
     ]
     if options.aggregate:
         rows = aggregate(rows, [key for key in varying if key not in REPEAT_KEYS], metrics, [model_id(run) for run in runs])
+        merged = len(runs) - sum(row["runs"] for row in rows)
+        if merged:
+            print(
+                f"({merged} run{' was' if merged == 1 else 's were'} another scoring or rerun of a model already counted, "
+                "so the newest of each counts once)"
+            )
     sort_key = sort if sort in rows[0] else f"{sort} mean"
     rows.sort(key=lambda row: -_number(row.get(sort_key)))
 
