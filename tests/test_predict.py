@@ -226,7 +226,9 @@ def test_sweep_parent_run_has_no_model(finished_run, synthetic_root, capsys):
     client.set_terminated(parent.info.run_id)
     status = predict_main([parent.info.run_id, "--tracking-uri", finished_run["tracking_uri"], str(synthetic_root)])
     assert status == 1
-    assert "is the parent run of a sweep and has no model of its own" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is the parent run of a sweep and has no model of its own" in error
+    assert f"(fungiexp compare --experiment predict --sweep {parent.info.run_id[:8]} lists them)" in error
 
 
 def test_interrupted_run_gives_resume_command(finished_run, synthetic_root, capsys):
@@ -242,6 +244,9 @@ def test_interrupted_run_gives_resume_command(finished_run, synthetic_root, caps
     assert f"has no logged model (status KILLED): it did not finish. Finish it first with: {resume}" in capsys.readouterr().err
     assert evaluate_main([killed.info.run_id, *store]) == 1
     assert f"Finish it first with: {resume}" in capsys.readouterr().err
+    running = client.create_run(original.info.experiment_id)
+    assert evaluate_main([running.info.run_id, *store]) == 1
+    assert "has no logged model yet (status RUNNING): wait until it finishes." in capsys.readouterr().err
 
 
 def test_reevaluation_plots_training_curves(finished_run, monkeypatch):

@@ -135,7 +135,6 @@ def load_run_model(run_id: str, tracking_uri: str | None):
     """Download and load a run's Keras model (safe mode), its resolved config, its class offsets (None if not tuned) and its full id."""
     import tempfile
 
-    import keras
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -158,11 +157,17 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         run = client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {tracking_uri}; pass --tracking-uri for another store.") from error
-    reject_sweep_parent(run, "model")
+    reject_sweep_parent(run, "model", client)
     if run.info.status in ("KILLED", "FAILED"):
         raise ConfigError(
             "run id",
             f"run {run_id} has no logged model (status {run.info.status}): it did not finish. {unfinished_run_fix(run)}",
+        )
+    if run.info.status == "RUNNING":
+        raise ConfigError(
+            "run id",
+            f"run {run_id} has no logged model yet (status RUNNING): wait until it finishes. A process that was "
+            "killed outright (SIGKILL, power loss) also leaves RUNNING; then train the run again.",
         )
     # The downloads are only needed while loading, so they go into a folder that is removed afterwards.
     with tempfile.TemporaryDirectory(prefix="fungiexp-predict-") as folder:
@@ -182,6 +187,9 @@ def load_run_model(run_id: str, tracking_uri: str | None):
         else:
             offsets = json.loads(Path(offsets_path).read_text())["offsets"]
             log.info("Applying the class offsets that run %s chose on its validation split: %s", run_id, offsets)
+        # TensorFlow loads only here, after the checks above, because importing it takes seconds.
+        import keras
+
         log.info("Loading the model of run %s from %s", run_id, tracking_uri)
         model = keras.saving.load_model(model_path, safe_mode=True)
         config = OmegaConf.load(config_path)

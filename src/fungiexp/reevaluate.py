@@ -77,9 +77,11 @@ def run_evaluate(options) -> int:
     from fungiexp.schema import with_defaults
     from fungiexp.split import fingerprint
     from fungiexp.summary import format_summary
-    from fungiexp.train import evaluate_and_log, logged_history, make_datasets
 
     model, cfg, _, run_id = load_run_model(options.run_id, options.tracking_uri)
+    # Imported after the run checks of load_run_model, which fail fast without TensorFlow.
+    from fungiexp.train import evaluate_and_log, logged_history, make_datasets
+
     cfg = with_defaults(cfg)
     cfg = merge_overrides(cfg, options.overrides)
     validate_config(cfg)

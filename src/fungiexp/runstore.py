@@ -12,6 +12,7 @@ runs.
 from __future__ import annotations
 
 import math
+import shlex
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,11 @@ def resolve_run_id(uri: str, run_id: str) -> str:
     return found[0] if found else run_id
 
 
-def reject_sweep_parent(run, lacks: str) -> None:
+def reject_sweep_parent(run, lacks: str, client) -> None:
     """Raise ConfigError if ``run`` is the parent run of a sweep, which has no ``lacks`` of its own (model, metrics).
+
+    ``client`` (an MlflowClient of the run's store) looks up the name of the
+    run's experiment for the compare command in the message.
 
     Raises:
         ConfigError: ``run`` is a sweep's parent run; the message gives the command that lists its runs.
@@ -167,10 +171,11 @@ def reject_sweep_parent(run, lacks: str) -> None:
 
     if run.data.tags.get("fungiexp.sweep.role") == "parent":
         run_id = run.info.run_id
+        experiment = shlex.quote(client.get_experiment(run.info.experiment_id).name)
         raise ConfigError(
             "run id",
-            f"run {run_id} is the parent run of a sweep and has no {lacks} of its own; "
-            f"pass the id of one of its runs (fungiexp compare --sweep {run_id[:8]} lists them).",
+            f"run {run_id} is the parent run of a sweep and has no {lacks} of its own; pass the id of one of its runs "
+            f"(fungiexp compare --experiment {experiment} --sweep {run_id[:8]} lists them).",
         )
 
 
