@@ -227,17 +227,25 @@ def test_compare_counts_unfinished_runs(tmp_path, capsys):
     experiment_id = client.create_experiment("test", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id, tags={"fungiexp.sweep.role": "parent"}).info.run_id
     client.set_terminated(parent, "KILLED")
+    resume = {"fungiexp.resume_command": "fungiexp train trainer.resume=ID"}
     for seed, status in ((1, "FINISHED"), (2, "KILLED"), (3, "FAILED")):
-        run = client.create_run(experiment_id, tags={"fungiexp.sweep.parent": parent}).info.run_id
+        # The KILLED run left a checkpoint; the FAILED one did not.
+        tags = {"fungiexp.sweep.parent": parent, **(resume if status == "KILLED" else {})}
+        run = client.create_run(experiment_id, tags=tags).info.run_id
+        if status == "KILLED":
+            killed = run
         client.log_param(run, "trainer.seed", seed)
         client.log_metric(run, "test/macro_f1", 0.5)
         client.set_terminated(run, status)
     store = ["--tracking-uri", uri, "--experiment", "test", "--sweep", "last"]
 
     assert compare_main(store) == 0
-    header = capsys.readouterr().out.splitlines()[0]
+    header, note = capsys.readouterr().out.splitlines()[:2]
     assert header.startswith(f"Experiment 'test', sweep {parent[:8]}, which ended as KILLED: 1 run")
-    assert header.endswith("Not shown, because they did not finish: 1 FAILED, 1 KILLED (fungiexp train trainer.resume=RUN_ID continues an interrupted run).")
+    assert note == (
+        "Not shown, because they did not finish: 1 FAILED, 1 KILLED. "
+        f"Continue an interrupted one with: fungiexp train trainer.resume=ID, where ID is one of {killed[:8]}."
+    )
 
     # A rerun of the finished run with its own config counts once with it.
     finished = next(run.info.run_id for run in client.search_runs([experiment_id]) if run.data.params.get("trainer.seed") == "1")
@@ -252,7 +260,9 @@ def test_compare_counts_unfinished_runs(tmp_path, capsys):
     client.delete_run(rerun)
     client.delete_run(finished)
     assert compare_main(store) == 1
-    assert capsys.readouterr().out.strip() == (
-        f"No finished runs in experiment 'test' for sweep {parent[:8]}. Not shown, because they did not finish: "
-        "1 FAILED, 1 KILLED (fungiexp train trainer.resume=RUN_ID continues an interrupted run)."
-    )
+    assert capsys.readouterr().out.splitlines() == [
+        f"No finished runs in experiment 'test' for sweep {parent[:8]}.",
+        note,
+    ]
+    assert compare_main(["--tracking-uri", uri, "--experiment", "test", "--sweep", "0000"]) == 1
+    assert "'0000' is not the parent run of a sweep in experiment 'test'" in capsys.readouterr().err

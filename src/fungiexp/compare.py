@@ -65,7 +65,7 @@ def run_compare(options) -> int:
     uri, experiment = _defaults(options)
     require_store(uri)
     runs = _fetch_runs(uri, experiment)
-    parent = _sweep_parent(options.sweep, runs)
+    parent = _sweep_parent(options.sweep, runs, experiment)
     parent_status = next((run.info.status for run in runs if run.info.run_id == parent), None)
     runs = [
         run
@@ -82,14 +82,18 @@ def run_compare(options) -> int:
     elif parent_status == "RUNNING":
         scope += ", still running"
     if not runs:
-        print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent[:8]}' if parent else ''}.{unfinished}")
+        print(f"No finished runs in experiment {experiment!r}{f' for sweep {parent[:8]}' if parent else ''}.")
+        if unfinished:
+            print(unfinished)
         return 1
 
     varying = differing_params(runs)
     metrics, sort = choose_metrics(options.metrics, options.sort, runs)
     if options.plot:
         check_plot_params(options.plot.split(","), varying)
-    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment){unfinished}")
+    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment)")
+    if unfinished:
+        print(unfinished)
     defaults = schema_default_params()
     kinds = {run.info.run_id: run_kind(run) for run in runs}
     show_kind = any(kind != "train" for kind in kinds.values())
@@ -140,8 +144,14 @@ def run_compare(options) -> int:
     return 0
 
 
-def unfinished_note(runs) -> str:
-    """Return a sentence that counts the runs left out of the table because they did not finish, or ''."""
+def unfinished_note(runs, shown: int = 5) -> str:
+    """Return a line that counts the runs left out of the table because they did not finish, or ''.
+
+    The line gives the ids of up to ``shown`` interrupted runs that left a
+    checkpoint, which `fungiexp train trainer.resume=ID` continues.
+    """
+    from fungiexp.tracking import RESUME_TAG
+
     counts: dict[str, int] = {}
     for run in runs:
         if run.info.status != "FINISHED":
@@ -149,8 +159,12 @@ def unfinished_note(runs) -> str:
     if not counts:
         return ""
     listed = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-    hint = " (fungiexp train trainer.resume=RUN_ID continues an interrupted run)" if "KILLED" in counts else ""
-    return f" Not shown, because they did not finish: {listed}{hint}."
+    resumable = [run.info.run_id[:8] for run in runs if run.info.status != "FINISHED" and RESUME_TAG in run.data.tags]
+    hint = ""
+    if resumable:
+        more = f" (and {len(resumable) - shown} more)" if len(resumable) > shown else ""
+        hint = f" Continue an interrupted one with: fungiexp train trainer.resume=ID, where ID is one of {', '.join(resumable[:shown])}{more}."
+    return f"Not shown, because they did not finish: {listed}.{hint}"
 
 
 def _fetch_runs(uri: str, experiment: str) -> list:
@@ -430,19 +444,28 @@ def _defaults(options) -> tuple[str, str]:
     return (getattr(options, "tracking_uri", None) or str(tracking.uri), getattr(options, "experiment", None) or str(tracking.experiment))
 
 
-def _sweep_parent(sweep: str | None, runs) -> str | None:
+def _sweep_parent(sweep: str | None, runs, experiment: str) -> str | None:
     if sweep is None:
         return None
     parents = [run for run in runs if run.data.tags.get("fungiexp.sweep.role") == "parent"]
     if sweep == "last":
         if not parents:
-            raise ConfigError("--sweep", "no sweep in this experiment; run `fungiexp train -m ...` first.")
+            raise ConfigError(
+                "--sweep",
+                f"no sweep in experiment {experiment!r}; pass --experiment NAME for another experiment, "
+                "or run `fungiexp train -m ...` first.",
+            )
         return max(parents, key=lambda run: run.info.start_time).info.run_id
     # The 8-character ids that compare prints are enough.
     matches = [run.info.run_id for run in parents if run.info.run_id.startswith(sweep)]
     if len(matches) != 1:
-        reason = "matches several sweeps; give more characters" if matches else "is not the parent run of a sweep in this experiment"
-        raise ConfigError("--sweep", f"{sweep!r} {reason}; pass --experiment NAME if the sweep logged to another experiment.")
+        if matches:
+            raise ConfigError("--sweep", f"{sweep!r} matches several sweeps in experiment {experiment!r}; give more characters.")
+        raise ConfigError(
+            "--sweep",
+            f"{sweep!r} is not the parent run of a sweep in experiment {experiment!r}; "
+            "pass --experiment NAME if the sweep logged to another experiment.",
+        )
     return matches[0]
 
 
