@@ -52,6 +52,7 @@ def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_p
     reproduce_main([original["run_id"], *overrides, "trainer.seed=7", f"trainer.checkpoint_dir={tmp_path}/other"])
     output = capsys.readouterr().out
     assert "trainer.seed: 42 then, 7 now (override)" in output
+    assert "the overrides change the model (trainer.seed), so the metrics below are not expected to match" in output
     assert f"trainer.checkpoint_dir: {tmp_path}/checkpoints then, {tmp_path}/other now (override)" in output
     client = MlflowClient(tracking_uri=original["tracking_uri"])
     (rerun,) = client.search_runs(

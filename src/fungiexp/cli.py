@@ -69,15 +69,16 @@ def _dispatch(argv: list[str] | None) -> int:
         # Checking the config here, before Hydra starts, keeps a config error to one
         # line without a job folder, and finds a bad job of a sweep before the first job trains.
         flags = set(rest)
-        printing_config = bool({"-c", "--cfg"} & flags)
         if problem is None and not {"--help", "-h", "--info", "-i", "--hydra-help"} & flags:
             from fungiexp.validate import check_sweep_jobs
 
-            problem = check_sweep_jobs(_without_flag_values(rest))
-        if problem and printing_config:
-            # --cfg only prints the config, so a value that would stop the run is a warning after it.
-            atexit.register(print, f"fungiexp train: warning: this config would not run: {problem}", file=sys.stderr)
-        elif problem:
+            invalid_value = check_sweep_jobs(_without_flag_values(rest))
+            if invalid_value and {"-c", "--cfg"} & flags:
+                # --cfg only prints the config, so a value that would stop the run is a warning after it.
+                atexit.register(print, f"fungiexp train: warning: this config would not run: {invalid_value}", file=sys.stderr)
+            else:
+                problem = invalid_value
+        if problem:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1
         from fungiexp.app import train_app

@@ -181,7 +181,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
         original = client.get_run(run_id)
     except MlflowException as error:
         raise ConfigError("run id", f"run {run_id!r} not found in {mlflow.get_tracking_uri()}.") from error
-    _require_test_metrics(original)
+    _require_test_metrics(original, client)
 
     folder = Path(str(current.dataset.cache_dir or ".cache/fungiexp")) / "reproduce" / run_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -234,6 +234,10 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
         # The name tells two reruns of one run apart in the MLflow UI.
         suffix = " ".join(item.lstrip("+") for item in overrides if item.split("=", 1)[0].lstrip("+~") in changed_keys)
         cfg.tracking.run_name = f"{cfg.tracking.run_name} {suffix}"[:250]
+        print(
+            f"  the overrides change the model ({', '.join(changed_keys)}), so the metrics below are not expected to "
+            "match; the comparison shows how far they moved"
+        )
     result = train(cfg, tags=tags)
     reported = {
         "metrics": {name: value for name, value in original.data.metrics.items() if name.startswith("test/")},
@@ -244,11 +248,11 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     return _report(rows, result, f"run {run_id}")
 
 
-def _require_test_metrics(run) -> None:
+def _require_test_metrics(run, client) -> None:
     """Raise ConfigError unless ``run`` logged test metrics that a rerun can be compared with."""
     from fungiexp.runstore import reject_sweep_parent, unfinished_run_fix
 
-    reject_sweep_parent(run, "metrics")
+    reject_sweep_parent(run, "metrics", client)
     if any(name.startswith("test/") for name in run.data.metrics):
         return
     fix = unfinished_run_fix(run)

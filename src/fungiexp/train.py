@@ -170,7 +170,7 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if read_state(checkpoint_dir) is not None:
             log.warning(
-                "Interrupted; MLflow run %s ends as KILLED. Continue it with trainer.resume=%s",
+                "Interrupted; MLflow run %s ends as KILLED. Continue it with: fungiexp train trainer.resume=%s",
                 run.info.run_id,
                 run.info.run_id,
             )
@@ -191,7 +191,8 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
         raise
     mlflow.end_run("FINISHED")
 
-    result.update(run_id=run.info.run_id, experiment_id=experiment_id, tracking_uri=uri, class_infos=data.infos)
+    # A resumed run stays in its own experiment, which may not be the one this command's config names.
+    result.update(run_id=run.info.run_id, experiment_id=run.info.experiment_id, tracking_uri=uri, class_infos=data.infos)
     # Free this job's model, datasets and traced functions before a sweep's next job.
     del model, datasets
     keras.backend.clear_session(free_memory=True)
