@@ -231,7 +231,7 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
     if changed_keys:
         # compare --aggregate then counts the new run as a model of its own, not as a rerun of the original.
         tags[REPRODUCE_CHANGED_TAG] = ",".join(changed_keys)
-        # The name tells two reruns of one run apart in the MLflow UI.
+        # The overrides in the name distinguish two reruns of one run in the MLflow UI.
         suffix = " ".join(item.lstrip("+") for item in overrides if item.split("=", 1)[0].lstrip("+~") in changed_keys)
         cfg.tracking.run_name = f"{cfg.tracking.run_name} {suffix}"[:250]
         print(

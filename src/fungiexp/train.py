@@ -275,7 +275,7 @@ def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
             )
         run = unfinished[0]
     else:
-        # compare prints 8-character ids; accept them as predict, evaluate and reproduce do.
+        # compare prints 8-character ids, which predict, evaluate and reproduce also accept.
         requested = resolve_run_id(mlflow.get_tracking_uri(), requested)
         try:
             run = client.get_run(requested)
