@@ -91,7 +91,8 @@ def run_compare(options) -> int:
     metrics, sort = choose_metrics(options.metrics, options.sort, runs)
     if options.plot:
         check_plot_params(options.plot.split(","), varying)
-    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'} (--experiment NAME for another experiment)")
+    hint = "" if getattr(options, "experiment", None) else " (--experiment NAME for another experiment)"
+    print(f"Experiment {experiment!r}, {scope}: {len(runs)} run{'' if len(runs) == 1 else 's'}{hint}")
     if unfinished:
         print(unfinished)
     defaults = schema_default_params()
