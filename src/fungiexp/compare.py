@@ -145,26 +145,26 @@ def run_compare(options) -> int:
     return 0
 
 
-def unfinished_note(runs, shown: int = 5) -> str:
+def unfinished_note(runs, max_ids: int = 5) -> str:
     """Return a line that counts the runs left out of the table because they did not finish, or ''.
 
-    The line gives the ids of up to ``shown`` interrupted runs that left a
+    The line gives the ids of up to ``max_ids`` interrupted runs that left a
     checkpoint, which `fungiexp train trainer.resume=ID` continues.
     """
+    from collections import Counter
+
     from fungiexp.tracking import RESUME_TAG
 
-    counts: dict[str, int] = {}
-    for run in runs:
-        if run.info.status != "FINISHED":
-            counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    if not counts:
+    unfinished = [run for run in runs if run.info.status != "FINISHED"]
+    if not unfinished:
         return ""
+    counts = Counter(run.info.status for run in unfinished)
     listed = ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
-    resumable = [run.info.run_id[:8] for run in runs if run.info.status != "FINISHED" and RESUME_TAG in run.data.tags]
+    resumable = [run.info.run_id[:8] for run in unfinished if RESUME_TAG in run.data.tags]
     hint = ""
     if resumable:
-        more = f" (and {len(resumable) - shown} more)" if len(resumable) > shown else ""
-        hint = f" Continue an interrupted one with: fungiexp train trainer.resume=ID, where ID is one of {', '.join(resumable[:shown])}{more}."
+        more = f" (and {len(resumable) - max_ids} more)" if len(resumable) > max_ids else ""
+        hint = f" Continue an interrupted one with: fungiexp train trainer.resume=ID, where ID is one of {', '.join(resumable[:max_ids])}{more}."
     return f"Not shown, because they did not finish: {listed}.{hint}"
 
 
