@@ -158,6 +158,23 @@ def test_resume_of_finished_run_raises(make_config):
         train(make_config(f"trainer.resume={result['run_id'][:8]}"))
 
 
+def test_cli_resume_error_is_one_line(make_config, quick_overrides, tmp_path):
+    finished = train(make_config())["run_id"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    for requested, message in (
+        (finished[:8], f"run {finished} already finished; nothing to resume."),
+        ("0123abcd", f"run '0123abcd' not found in sqlite:///{tmp_path}/mlruns/mlflow.db."),
+    ):
+        completed = subprocess.run(
+            [sys.executable, "-m", "fungiexp", "train", *quick_overrides, f"trainer.resume={requested}"],
+            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert completed.returncode == 1
+        assert completed.stderr.splitlines() == [f"fungiexp train: error: trainer.resume: {message}"]
+    # The checks ran before Hydra started, so no job folder was made.
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_exception_in_training_exits_nonzero(synthetic_root, tmp_path):
     completed = subprocess.run(
         [

@@ -18,13 +18,13 @@ import keras
 import mlflow
 import numpy as np
 
+from fungiexp.resume import STATE_FILE
 from fungiexp.tracking import metric_name
 
 log = logging.getLogger(__name__)
 
 LAST_MODEL = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
-STATE_FILE = "state.json"
 
 
 def keras_to_mlflow_name(key: str) -> str:
@@ -304,11 +304,3 @@ def atomic_save(path: Path, write) -> None:
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(str(temporary))
     os.replace(temporary, path)
-
-
-def read_state(directory: Path) -> dict | None:
-    """Return the checkpoint state in ``directory``, or None if there is none."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())

@@ -49,6 +49,11 @@ def _without_flag_values(args: list[str]) -> list[str]:
     return [arg for index, arg in enumerate(args) if index == 0 or args[index - 1] not in _VALUE_FLAGS]
 
 
+def _names_resume(args: list[str]) -> bool:
+    """Return whether ``args`` set ``trainer.resume``."""
+    return any(arg.lstrip("+~").startswith("trainer.resume=") for arg in args)
+
+
 def _dispatch(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -78,6 +83,11 @@ def _dispatch(argv: list[str] | None) -> int:
                 atexit.register(print, f"fungiexp train: warning: this config would not run: {invalid_value}", file=sys.stderr)
             else:
                 problem = invalid_value
+            if problem is None and not multirun and not {"-c", "--cfg"} & flags and _names_resume(rest):
+                from fungiexp.resume import check_resume_overrides
+
+                # Before Hydra starts, a run that cannot be resumed gives one line and no job folder.
+                problem = check_resume_overrides(_without_flag_values(rest))
         if problem:
             print(f"fungiexp train: error: {problem}", file=sys.stderr)
             return 1

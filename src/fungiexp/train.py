@@ -23,7 +23,6 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,14 +37,13 @@ from fungiexp.callbacks import (
     MlflowEpochLogger,
     ValidationScores,
     WeightAverage,
-    read_state,
 )
 from fungiexp.errors import ConfigError
 from fungiexp.data import PreparedData, prepare_data
 from fungiexp.datacheck import format_report
 from fungiexp.models import build_model, count_parameters, resolve_preprocessing
 from fungiexp.pipeline import augmentation_generators, build_augmenter, graph_function, make_dataset
-from fungiexp.runstore import resolve_run_id
+from fungiexp.resume import CHECKPOINT_TAG, find_resume_run, read_state
 from fungiexp.schema import with_defaults
 from fungiexp.split import SPLITS, fingerprint
 from fungiexp.sweep import sweep_tags
@@ -54,7 +52,6 @@ from fungiexp.validate import validate_config
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-CHECKPOINT_TAG = "fungiexp.checkpoint_dir"
 # Fewer test source images than this make the bootstrap intervals rough (a rule of thumb).
 MIN_BOOTSTRAP_GROUPS = 30
 
@@ -74,7 +71,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict:
     resume_point = None
     if cfg.trainer.get("resume"):
         uri, experiment_id = tracking.setup_tracking(cfg.tracking)
-        resume_point = find_resume_point(cfg, experiment_id)
+        resume_point = find_resume_point(cfg)
         _warn_ignored_on_resume(cfg, resume_point.config, _hydra_overrides())
         cfg = resume_point.config
         validate_config(cfg)
@@ -256,41 +253,14 @@ class ResumePoint:
     state: dict
 
 
-def find_resume_point(cfg: DictConfig, experiment_id: str) -> ResumePoint:
+def find_resume_point(cfg: DictConfig) -> ResumePoint:
     """Find the run that ``trainer.resume`` names and load its config and checkpoint state.
 
     Raises:
         ConfigError: If the run does not exist, already finished, or has no checkpoint.
     """
     client = MlflowClient()
-    requested = str(cfg.trainer.resume)
-    if requested == "last":
-        candidates = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
-        unfinished = [run for run in candidates if run.info.status in ("KILLED", "FAILED") and CHECKPOINT_TAG in run.data.tags]
-        if not unfinished:
-            raise ConfigError(
-                "trainer.resume",
-                f"no interrupted run with a checkpoint in experiment {cfg.tracking.experiment!r}; "
-                "give a run id or start a new run.",
-            )
-        run = unfinished[0]
-    else:
-        # compare prints 8-character ids, which predict, evaluate and reproduce also accept.
-        requested = resolve_run_id(mlflow.get_tracking_uri(), requested)
-        try:
-            run = client.get_run(requested)
-        except MlflowException as error:
-            raise ConfigError("trainer.resume", f"run {requested!r} not found in {mlflow.get_tracking_uri()}.") from error
-    if run.info.status == "FINISHED":
-        raise ConfigError("trainer.resume", f"run {run.info.run_id} already finished; nothing to resume.")
-    directory = Path(run.data.tags.get(CHECKPOINT_TAG, ""))
-    state = read_state(directory) if run.data.tags.get(CHECKPOINT_TAG) else None
-    if state is None:
-        raise ConfigError(
-            "trainer.resume",
-            f"run {run.info.run_id} has no checkpoint (it stopped before its first epoch ended, or "
-            f"{directory} was removed); start a new run.",
-        )
+    run, directory, state = find_resume_run(str(cfg.trainer.resume), mlflow.get_tracking_uri(), str(cfg.tracking.experiment))
 
     with tempfile.TemporaryDirectory() as folder:
         config = with_defaults(OmegaConf.load(client.download_artifacts(run.info.run_id, "config/resolved.yaml", folder)))
