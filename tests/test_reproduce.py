@@ -49,8 +49,11 @@ def test_reproduce_run_matches_and_links(make_config, quick_overrides, capsys):
 def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_path, capsys):
     original = train(make_config("trainer.deterministic=true"))
     overrides = [item for item in quick_overrides if not item.startswith("trainer.checkpoint_dir=")]
-    reproduce_main([original["run_id"], *overrides, "trainer.seed=7", f"trainer.checkpoint_dir={tmp_path}/other"])
+    status = reproduce_main([original["run_id"], *overrides, "trainer.seed=7", f"trainer.checkpoint_dir={tmp_path}/other"])
     output = capsys.readouterr().out
+    # Another seed is another model: the comparison is shown, not judged.
+    assert status == 0, output
+    assert "Not judged: the overrides change the model (trainer.seed)" in output
     assert "trainer.seed: 42 then, 7 now (override)" in output
     assert "the overrides change the model (trainer.seed), so the metrics below are not expected to match" in output
     assert f"trainer.checkpoint_dir: {tmp_path}/checkpoints then, {tmp_path}/other now (override)" in output
@@ -61,6 +64,7 @@ def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_p
     # Only the seed counts as a change: where checkpoints lie does not change the model.
     assert rerun.data.tags["fungiexp.reproduce.changed"] == "trainer.seed"
     assert rerun.info.run_name.endswith(" trainer.seed=7")
+    assert rerun.data.tags["fungiexp.reproduce.passed"] == "not_judged"
 
 
 def test_reproduce_of_evaluate_run_trains_original(make_config, quick_overrides, capsys):
@@ -240,3 +244,14 @@ def test_quick_reference_reproduces_on_real_data(tmp_path, capsys):
     output = capsys.readouterr().out
     assert status == 0, output
     assert "All metrics within tolerance." in output
+
+
+def test_untracked_outside_src_not_dirty():
+    from fungiexp.tracking import has_changes
+
+    assert not has_changes("")
+    # Images copied in for predict leave the checkout as it was.
+    assert not has_changes("?? new_images/\n?? notes.txt\n")
+    assert has_changes("?? src/fungiexp/extra.py\n")
+    assert has_changes('?? "src/fungiexp/caf\\303\\251.py"\n')
+    assert has_changes(" M conf/config.yaml\n?? notes.txt\n")

@@ -245,7 +245,8 @@ def reproduce_run(run_id: str, overrides: list[str], tolerance: float) -> int:
         "tolerances": {},
     }
     rows = compare_metrics(OmegaConf.create(reported), _run_metrics(result), tolerance)
-    return _report(rows, result, f"run {run_id}")
+    # A changed model is a new experiment: the table shows how far it moved, and nothing passes or fails.
+    return _report(rows, result, f"run {run_id}", changed_keys)
 
 
 def _require_test_metrics(run, client) -> None:
@@ -342,7 +343,13 @@ def _run_metrics(result: dict) -> dict[str, float]:
     return dict(MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"]).data.metrics)
 
 
-def _report(rows: list[dict], result: dict, against: str) -> int:
+def _report(rows: list[dict], result: dict, against: str, changed_keys: list[str] | None = None) -> int:
+    """Log and print the comparison; return 1 when a metric is outside its tolerance.
+
+    With ``changed_keys`` (overrides that change the model), the comparison
+    is printed and logged but not judged: the run is tagged
+    ``fungiexp.reproduce.passed=not_judged`` and the status is 0.
+    """
     from mlflow.tracking import MlflowClient
 
     table = format_table(rows)
@@ -350,9 +357,14 @@ def _report(rows: list[dict], result: dict, against: str) -> int:
     client = MlflowClient(tracking_uri=result["tracking_uri"])
     client.log_text(result["run_id"], table + "\n", "reproduce/comparison.txt")
     client.log_text(result["run_id"], json.dumps(rows, indent=2), "reproduce/comparison.json")
-    client.set_tag(result["run_id"], "fungiexp.reproduce.passed", str(passed).lower())
+    verdict = "not_judged" if changed_keys else str(passed).lower()
+    client.set_tag(result["run_id"], "fungiexp.reproduce.passed", verdict)
     print(f"\nComparison with {against}, MLflow run {result['run_id']}:")
     print(table)
     failed = [row["metric"] for row in rows if not row["passed"]]
+    if changed_keys:
+        moved = f"{len(failed)} of {len(rows)} metrics moved beyond the tolerance" if failed else "no metric moved beyond the tolerance"
+        print(f"Not judged: the overrides change the model ({', '.join(changed_keys)}); {moved}.")
+        return 0
     print("All metrics within tolerance." if passed else f"Outside tolerance: {', '.join(failed)}")
     return 0 if passed else 1

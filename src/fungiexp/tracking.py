@@ -156,7 +156,12 @@ def command_line() -> str:
 
 
 def git_state() -> tuple[str | None, bool]:
-    """Return the HEAD commit of the source checkout and whether it has uncommitted changes."""
+    """Return the HEAD commit of the source checkout and whether it has uncommitted changes.
+
+    Changes count in tracked files anywhere and in untracked files under
+    ``src/`` (new code a run may import). Other untracked files, such as
+    images copied into the project for predict, do not change a run.
+    """
     source_dir = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -172,7 +177,18 @@ def git_state() -> tuple[str | None, bool]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None, False
-    return commit, bool(status.strip())
+    return commit, has_changes(status)
+
+
+def has_changes(porcelain: str) -> bool:
+    """Return whether ``git status --porcelain`` output lists a change that can alter a run (see ``git_state``)."""
+    for line in porcelain.splitlines():
+        if not line.strip():
+            continue
+        # Untracked entries read "?? PATH", with PATH relative to the repository root and quoted when unusual.
+        if not line.startswith("?? ") or line[3:].lstrip('"').startswith("src/"):
+            return True
+    return False
 
 
 def ui_command(uri: str) -> str:
