@@ -65,6 +65,8 @@ def test_reproduce_with_other_seed_is_tagged(make_config, quick_overrides, tmp_p
     assert rerun.data.tags["fungiexp.reproduce.changed"] == "trainer.seed"
     assert rerun.info.run_name.endswith(" trainer.seed=7")
     assert rerun.data.tags["fungiexp.reproduce.passed"] == "not_judged"
+    logged = Path(client.download_artifacts(rerun.info.run_id, "reproduce/comparison.txt", str(tmp_path))).read_text()
+    assert "Not judged: the overrides change the model (trainer.seed)" in logged
 
 
 def test_reproduce_of_evaluate_run_trains_original(make_config, quick_overrides, capsys):

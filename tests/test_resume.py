@@ -92,6 +92,7 @@ def test_sigint_kills_run_and_resume_finishes(slower_root, tmp_path):
     assert result["run_id"] == run.info.run_id
     resumed = client.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED"
+    assert "fungiexp.resume_command" not in resumed.data.tags
     steps = [point.step for point in client.get_metric_history(run.info.run_id, "val/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5]
 
@@ -158,12 +159,35 @@ def test_resume_of_finished_run_raises(make_config):
         train(make_config(f"trainer.resume={result['run_id'][:8]}"))
 
 
+def test_resume_last_needs_checkpoint(tmp_path):
+    from fungiexp.resume import CHECKPOINT_TAG, STATE_FILE, find_resume_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("resume")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / STATE_FILE).write_text(json.dumps({"epoch": 2}))
+    older = client.create_run(experiment_id, start_time=1000, tags={CHECKPOINT_TAG: str(saved)})
+    client.set_terminated(older.info.run_id, "KILLED")
+    # Interrupted before its first epoch ended: the folder was named but nothing was saved.
+    newer = client.create_run(experiment_id, start_time=2000, tags={CHECKPOINT_TAG: str(tmp_path / "empty")})
+    client.set_terminated(newer.info.run_id, "KILLED")
+
+    run, directory, state = find_resume_run("last", uri, "resume")
+    assert run.info.run_id == older.info.run_id
+    assert directory == saved
+    assert state == {"epoch": 2}
+
+
 def test_cli_resume_error_is_one_line(make_config, quick_overrides, tmp_path):
     finished = train(make_config())["run_id"]
     env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
     for requested, message in (
         (finished[:8], f"run {finished} already finished; nothing to resume."),
         ("0123abcd", f"run '0123abcd' not found in sqlite:///{tmp_path}/mlruns/mlflow.db."),
+        # Hydra alone would read this prefix as the number 7.36359e14.
+        ("736359e9", f"run '736359e9' not found in sqlite:///{tmp_path}/mlruns/mlflow.db."),
     ):
         completed = subprocess.run(
             [sys.executable, "-m", "fungiexp", "train", *quick_overrides, f"trainer.resume={requested}"],

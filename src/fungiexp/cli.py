@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
 
 USAGE = """\
@@ -49,6 +50,17 @@ def _without_flag_values(args: list[str]) -> list[str]:
     return [arg for index, arg in enumerate(args) if index == 0 or args[index - 1] not in _VALUE_FLAGS]
 
 
+def _quote_resume_id(arg: str) -> str:
+    """Return a ``trainer.resume=ID`` override with ID quoted, so that Hydra reads it as a string.
+
+    Hydra would read an id prefix such as ``736359e9`` as the number 7.36359e14.
+    """
+    match = re.fullmatch(r"([+~]*trainer\.resume=)([0-9A-Za-z]+)", arg)
+    if match is None or match.group(2) == "null":
+        return arg
+    return f"{match.group(1)}'{match.group(2)}'"
+
+
 def _names_resume(args: list[str]) -> bool:
     """Return whether ``args`` set ``trainer.resume``."""
     return any(arg.lstrip("+~").startswith("trainer.resume=") for arg in args)
@@ -68,6 +80,8 @@ def _dispatch(argv: list[str] | None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if command == "train":
         from fungiexp.validate import check_overrides
+
+        rest = [_quote_resume_id(arg) for arg in rest]
 
         multirun = bool({"-m", "--multirun"} & set(rest))
         problem = check_overrides(rest)

@@ -42,7 +42,10 @@ Rerun a reported experiment or a logged MLflow run and compare its metrics.
       mean of each metric with `reported.mean`.
   fungiexp reproduce RUN_ID [OVERRIDES...]
       Reruns a logged run from its logged config and split, tags the new run
-      with the original's id, and compares every test metric.
+      with the original's id, and compares every test metric. Exits with
+      status 1 when one differs. Overrides that change the model (another
+      seed, say) make a new model: the comparison is then shown but not
+      judged (status 0, tag fungiexp.reproduce.passed=not_judged).
 """
 
 
@@ -354,17 +357,20 @@ def _report(rows: list[dict], result: dict, against: str, changed_keys: list[str
 
     table = format_table(rows)
     passed = all(row["passed"] for row in rows)
+    failed = [row["metric"] for row in rows if not row["passed"]]
+    if changed_keys:
+        moved = f"{len(failed)} of {len(rows)} metrics moved beyond the tolerance" if failed else "no metric moved beyond the tolerance"
+        conclusion = f"Not judged: the overrides change the model ({', '.join(changed_keys)}); {moved}."
+    else:
+        conclusion = "All metrics within tolerance." if passed else f"Outside tolerance: {', '.join(failed)}"
     client = MlflowClient(tracking_uri=result["tracking_uri"])
-    client.log_text(result["run_id"], table + "\n", "reproduce/comparison.txt")
+    client.log_text(result["run_id"], f"Comparison with {against}\n{table}\n{conclusion}\n", "reproduce/comparison.txt")
     client.log_text(result["run_id"], json.dumps(rows, indent=2), "reproduce/comparison.json")
     verdict = "not_judged" if changed_keys else str(passed).lower()
     client.set_tag(result["run_id"], "fungiexp.reproduce.passed", verdict)
     print(f"\nComparison with {against}, MLflow run {result['run_id']}:")
     print(table)
-    failed = [row["metric"] for row in rows if not row["passed"]]
+    print(conclusion)
     if changed_keys:
-        moved = f"{len(failed)} of {len(rows)} metrics moved beyond the tolerance" if failed else "no metric moved beyond the tolerance"
-        print(f"Not judged: the overrides change the model ({', '.join(changed_keys)}); {moved}.")
         return 0
-    print("All metrics within tolerance." if passed else f"Outside tolerance: {', '.join(failed)}")
     return 0 if passed else 1

@@ -48,7 +48,12 @@ def find_resume_run(requested: str, uri: str, experiment: str):
     if requested == "last":
         found = client.get_experiment_by_name(experiment)
         candidates = [] if found is None else client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
-        unfinished = [run for run in candidates if run.info.status in ("KILLED", "FAILED") and CHECKPOINT_TAG in run.data.tags]
+        # A run interrupted before its first epoch ended has the tag but no checkpoint, so it is passed over.
+        unfinished = [
+            run
+            for run in candidates
+            if run.info.status in ("KILLED", "FAILED") and CHECKPOINT_TAG in run.data.tags and read_state(Path(run.data.tags[CHECKPOINT_TAG]))
+        ]
         if not unfinished:
             raise ConfigError(
                 "trainer.resume",

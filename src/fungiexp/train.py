@@ -186,6 +186,9 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
         _log_failure(traceback.format_exc())
         mlflow.end_run("FAILED")
         raise
+    if resume_point and tracking.RESUME_TAG in mlflow.get_run(run.info.run_id).data.tags:
+        # The run has finished, so its resume command no longer applies.
+        mlflow.delete_tag(tracking.RESUME_TAG)
     mlflow.end_run("FINISHED")
 
     # A resumed run stays in its own experiment, which may not be the one this command's config names.
