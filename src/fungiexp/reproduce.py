@@ -371,6 +371,4 @@ def _report(rows: list[dict], result: dict, against: str, changed_keys: list[str
     print(f"\nComparison with {against}, MLflow run {result['run_id']}:")
     print(table)
     print(conclusion)
-    if changed_keys:
-        return 0
-    return 0 if passed else 1
+    return 0 if passed or changed_keys else 1

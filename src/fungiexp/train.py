@@ -186,8 +186,8 @@ def _train(cfg: DictConfig, uri: str, experiment_id: str, resume_point, tags) ->
         _log_failure(traceback.format_exc())
         mlflow.end_run("FAILED")
         raise
-    if resume_point and tracking.RESUME_TAG in mlflow.get_run(run.info.run_id).data.tags:
-        # The run has finished, so its resume command no longer applies.
+    # A finished run's resume command no longer applies. start_run fetched the resumed run with its tags.
+    if resume_point and tracking.RESUME_TAG in run.data.tags:
         mlflow.delete_tag(tracking.RESUME_TAG)
     mlflow.end_run("FINISHED")
 
